@@ -1,0 +1,17 @@
+# The two set-up commands of the README: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+
+.PHONY: install demo test bench
+
+install:
+	$(PYTHON) -m pip install -q -e ".[dev]"
+
+demo: install
+	raysweep train --workers 2
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PYTHON) -m benchmarks all

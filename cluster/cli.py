@@ -1,0 +1,108 @@
+"""The `raysweep` command line. Each subcommand registers its arguments and its runner.
+
+Exit codes: 0 success; 1 the work ran and failed (failed or diverged training, failed
+job); 2 the request was refused before anything ran (bad config, data or resources).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from trainers.configtools import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_REQUEST = 0, 1, 2
+
+# name -> (help, add_arguments(parser), run(args) -> exit code)
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
+
+
+def command(name: str, help: str):
+    def register(add_arguments: Callable):
+        def with_runner(run: Callable):
+            COMMANDS[name] = (help, add_arguments, run)
+            return run
+
+        return with_runner
+
+    return register
+
+
+def add_common(p: argparse.ArgumentParser, storage: bool = True) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    if storage:
+        p.add_argument("--storage", default="./runs", help="local directory or pyarrow.fs URI (default ./runs)")
+        p.add_argument("--name", help="run name; re-running a name resumes it (default: a timestamped name)")
+
+
+def add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file whose sections mirror the config (data, model, optim, ...)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key; repeatable")
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    add_config(p)
+    add_common(p)
+    p.add_argument("--workers", type=int, default=2, help="data-parallel workers (default 2)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl); refused where there is none")
+
+
+@command("train", "train one model data-parallel on Ray Train")(_train_arguments)
+def _train(args) -> int:
+    from cluster import train_cmd
+    from trainers.config import load_run_config
+    from trainers.distributed import Placement
+
+    cfg = load_run_config(args.config, args.overrides)
+    if args.workers < 1:
+        raise ConfigError([f"--workers: {args.workers} must be >= 1"])
+    placement = Placement(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker)
+    req = train_cmd.TrainRequest(cfg, placement, args.storage, args.name or train_cmd.default_name(cfg), args.address)
+    summary = train_cmd.run(req)
+    return EXIT_OK if summary["status"] in (train_cmd.COMPLETED, train_cmd.EARLY_STOPPED) else EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _import_commands()
+    parser = argparse.ArgumentParser(prog="raysweep", description="Distributed training and tuning on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def _import_commands() -> None:
+    """Modules that register further subcommands."""
+    import importlib
+
+    for module in ("cluster.tune_cmd", "cluster.results_cmd", "cluster.jobs_cmd", "cluster.predict_cmd"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    args = build_parser().parse_args(argv)
+    run = COMMANDS[args.command][2]
+    from cluster.connect import ClusterError
+    from trainers.data import DataError
+
+    try:
+        return run(args)
+    except ConfigError as e:
+        print(f"raysweep {args.command}: {e}", file=sys.stderr)
+        return EXIT_BAD_REQUEST
+    except (DataError, ClusterError) as e:
+        print(f"raysweep {args.command}: {e}", file=sys.stderr)
+        return EXIT_BAD_REQUEST
+
+
+if __name__ == "__main__":
+    sys.exit(main())

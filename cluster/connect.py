@@ -1,0 +1,88 @@
+"""Connecting to Ray: an embedded local Ray by default, or a running cluster.
+
+The address comes from ``--address``, then ``RAY_ADDRESS``, then the embedded default.
+A local Ray binds its dashboard and job server to 127.0.0.1 and keeps token
+authentication on (Ray's default); raysweep never turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from urllib.parse import urlparse
+
+import ray
+
+from trainers.distributed import Placement
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot do what was asked; the message says what would."""
+
+
+def resolve_address(address: str | None) -> str | None:
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at ``host:port``."""
+    if address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        return
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterError(
+            f"--address {address}: nothing answers there ({e}); start the cluster (ray start --head) "
+            "or fix the address / RAY_ADDRESS"
+        ) from None
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Start or join Ray once per process."""
+    if ray.is_initialized():
+        return
+    address = resolve_address(address)
+    if address:
+        _check_reachable(address)
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    # Ray Train's controller collects reports on this beat (2 s by default); short epochs
+    # would wait on it. Processes of an embedded Ray inherit this environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=True,  # Ray Train's cleanup of stopped trials needs the state API
+        dashboard_host="127.0.0.1",
+        logging_level=logging.WARNING,
+    )
+
+
+def check_fits(placement: Placement, concurrent: int = 1, driver_cpus: float = 0.0) -> None:
+    """Refuse at once what the cluster can never run, instead of waiting on Ray's 60 s timeout."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    need_cpus = concurrent * (driver_cpus + placement.workers * placement.cpus_per_worker)
+    problems = []
+    if need_cpus > cpus + 1e-9:
+        problems.append(
+            f"{concurrent} run(s) x ({placement.workers} workers x {placement.cpus_per_worker:g} CPU"
+            f"{f' + {driver_cpus:g} driver CPU' if driver_cpus else ''}) needs {need_cpus:g} CPUs but the cluster "
+            f"has {cpus:g}; lower --workers / --concurrent or give fewer CPUs per worker"
+        )
+    if placement.use_gpu:
+        need_gpus = concurrent * placement.workers * placement.gpus_per_worker
+        if gpus == 0:
+            problems.append("--gpu: the cluster has no GPU; drop --gpu to train on CPUs")
+        elif need_gpus > gpus + 1e-9:
+            problems.append(
+                f"--gpu: {need_gpus:g} GPUs needed ({placement.workers} workers x {placement.gpus_per_worker:g}) "
+                f"but the cluster has {gpus:g}; lower --workers or use fractional GPUs per worker"
+            )
+    if problems:
+        raise ClusterError("; ".join(problems))

@@ -1,0 +1,84 @@
+"""The results store: Arrow tables, JSON and pictures under ``<storage>/<name>/``.
+
+``storage`` is a local directory or any ``pyarrow.fs`` URI (``s3://bucket/prefix``,
+``gs://…``, ``file:///…``). Every write goes to a temporary name first and is then
+renamed, so a crash at any moment leaves each file either old or new, never half written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def resolve_storage(storage: str) -> str:
+    """Local paths become absolute (Ray needs that); URIs pass through."""
+    if "://" in storage:
+        return storage
+    return str(Path(storage).expanduser().resolve())
+
+
+class ResultsStore:
+    """Atomic reads and writes under one experiment directory."""
+
+    def __init__(self, storage: str, name: str):
+        self.storage, self.name = resolve_storage(storage), name
+        self.fs, root = pafs.FileSystem.from_uri(self.storage) if "://" in self.storage else (pafs.LocalFileSystem(), self.storage)
+        self.root = f"{root.rstrip('/')}/{name}"
+        self.fs.create_dir(self.root, recursive=True)
+
+    @property
+    def uri(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+    def path(self, relative: str) -> str:
+        return f"{self.root}/{relative}"
+
+    def local_path(self, relative: str) -> str | None:
+        """A path open() can read, for local storage; None for remote storage."""
+        return self.path(relative) if isinstance(self.fs, pafs.LocalFileSystem) else None
+
+    def _atomic(self, relative: str, write) -> None:
+        final = self.path(relative)
+        tmp = f"{self.root}/.{os.path.basename(relative)}.{uuid.uuid4().hex}.tmp"
+        write(tmp)
+        self.fs.move(tmp, final)
+
+    def write_table(self, relative: str, table: pa.Table) -> None:
+        self._atomic(relative, lambda tmp: pq.write_table(table, tmp, filesystem=self.fs))
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        def write(tmp):
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+
+        self._atomic(relative, write)
+
+    def write_json(self, relative: str, obj) -> None:
+        self.write_bytes(relative, (json.dumps(obj, indent=2, default=_jsonable) + "\n").encode())
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
+
+    def read_table(self, relative: str) -> pa.Table | None:
+        if not self.exists(relative):
+            return None
+        return pq.read_table(self.path(relative), filesystem=self.fs)
+
+    def read_json(self, relative: str):
+        if not self.exists(relative):
+            return None
+        with self.fs.open_input_stream(self.path(relative)) as f:
+            return json.loads(f.read().decode())
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)

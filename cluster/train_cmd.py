@@ -1,0 +1,112 @@
+"""`raysweep train`: one data-parallel training run, its tables, summary and curves."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import ray
+import ray.train
+
+from cluster.callbacks import TrainHistoryCallback
+from cluster.connect import check_fits, connect
+from cluster.plots import training_curves
+from cluster.store import ResultsStore
+from trainers.checkpoints import evaluate_state, load_state
+from trainers.config import TrainRunConfig
+from trainers.data import ImageData, load_data
+from trainers.distributed import Placement, best_checkpoint, run_training
+from trainers.loop import STOP_DIVERGED, STOP_EARLY
+
+COMPLETED, EARLY_STOPPED, DIVERGED, FAILED = "completed", "early_stopped", "diverged", "failed"
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    cfg: TrainRunConfig
+    placement: Placement
+    storage: str
+    name: str
+    address: str | None = None
+
+
+def default_name(cfg: TrainRunConfig, kind: str = "train") -> str:
+    return f"{kind}-{cfg.model.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def status_from(metrics: dict) -> str:
+    return {STOP_DIVERGED: DIVERGED, STOP_EARLY: EARLY_STOPPED}.get(metrics.get("stop_reason", ""), COMPLETED)
+
+
+@ray.remote
+def _evaluate_checkpoint(checkpoint: ray.train.Checkpoint, split, use_gpu: bool) -> dict:
+    device = "cuda" if use_gpu else "cpu"
+    with checkpoint.as_directory() as directory:
+        return evaluate_state(load_state(directory), split, device=device, prefix="test")
+
+
+def evaluate_on_test(checkpoint: ray.train.Checkpoint, data_ref, use_gpu: bool) -> dict:
+    """The checkpoint's test metrics, computed in a Ray task (next to the data, on a GPU if asked)."""
+    split = ray.get(data_ref).test if isinstance(data_ref, ray.ObjectRef) else data_ref.test
+    task = _evaluate_checkpoint.options(num_cpus=1, num_gpus=1 if use_gpu else 0)
+    return ray.get(task.remote(checkpoint, split, use_gpu))
+
+
+def run(req: TrainRequest, data: ImageData | None = None) -> dict:
+    """Train, evaluate the best checkpoint on the test split, write the results; returns the summary."""
+    data = data or load_data(req.cfg.data)  # before Ray starts: data errors come first
+    connect(req.address)
+    check_fits(req.placement)
+    store = ResultsStore(req.storage, req.name)
+    data_ref = ray.put(data)
+    started = time.time()
+    print(f"raysweep train: {req.name}: {req.cfg.model.name} on {req.cfg.data.name} "
+          f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test images), "
+          f"{req.placement.workers} worker(s){' on GPU' if req.placement.use_gpu else ''}; results in {store.uri}",
+          flush=True)
+    summary = {"name": req.name, "config": req.cfg.to_dict(), "workers": req.placement.workers}
+    try:
+        result = run_training(req.cfg, data_ref, req.placement, store.storage, req.name,
+                              callbacks=[TrainHistoryCallback(store.storage, req.name)])
+    except ray.train.TrainingFailedError as e:
+        summary.update(status=FAILED, error=f"{type(e).__name__}: {e}")
+        _finish(store, summary, started)
+        return summary
+    history = store.read_table("history.parquet")
+    last = store.read_json("progress.json") or {}  # Result.metrics is the last checkpoint's
+    es = req.cfg.train.early_stopping
+    summary.update(status=status_from(last), message=last.get("message", ""),
+                   epochs_run=history.num_rows if history is not None else 0,
+                   best_epoch=last.get("best_epoch"), resumed_from_epoch=last.get("resumed_from_epoch", 0))
+    checkpoint = best_checkpoint(result, es.metric, es.mode)
+    if checkpoint is not None and summary["status"] != DIVERGED:
+        summary.update(evaluate_on_test(checkpoint, data_ref, req.placement.use_gpu))
+        summary["checkpoint"] = checkpoint.path
+    if history is not None and history.num_rows:
+        store.write_bytes("curves.png", training_curves(history, title=req.name))
+    _finish(store, summary, started)
+    return summary
+
+
+def _finish(store: ResultsStore, summary: dict, started: float) -> None:
+    summary["wall_seconds"] = round(time.time() - started, 2)
+    store.write_json("summary.json", summary)
+    print(format_summary(summary, store), flush=True)
+
+
+def format_summary(summary: dict, store: ResultsStore) -> str:
+    lines = [f"status      {summary['status']}"
+             + (f" after {summary.get('epochs_run')} epochs (best epoch {summary.get('best_epoch')})"
+                if summary.get("epochs_run") else "")]
+    if summary.get("message"):
+        lines.append(f"message     {summary['message']}")
+    if summary.get("error"):
+        lines.append(f"error       {summary['error'][-2000:]}")
+    if "test_accuracy" in summary:
+        lines.append("test        " + "  ".join(
+            f"{k.removeprefix('test_')} {summary[k]:.4f}"
+            for k in ("test_accuracy", "test_precision", "test_recall", "test_f1")))
+    lines.append(f"results     {store.uri}/  (history.parquet, summary.json, curves.png, progress.json)")
+    if summary.get("checkpoint"):
+        lines.append(f"checkpoint  {summary['checkpoint']}")
+    return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""Shared fixtures. Ray is real here: a local Ray per module, bound to loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# Keep every Ray process on 127.0.0.1 (Ray otherwise swaps in the machine's address).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as cluster.connect sets it
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray with 2 CPUs and the dashboard (Ray Train's cleanup of stopped
+    trials needs its state API), shut down after the module."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_parquet(tmp_path):
+    """A small generated image set in the layout `data.name=parquet` reads (train + test)."""
+    from trainers.config import DataConfig
+    from trainers.data import DATASETS, write_parquet_images
+
+    split, _, classes = DATASETS["synthetic"](DataConfig(name="synthetic", num_samples=400, image_size=16, num_classes=4))
+    write_parquet_images(tmp_path / "train.parquet", split.x[:320], split.y[:320], classes)
+    write_parquet_images(tmp_path / "test.parquet", split.x[320:], split.y[320:], classes)
+    return tmp_path

@@ -1,0 +1,66 @@
+"""Checkpoints: one ``state.pt`` of tensors and plain values, loaded with ``weights_only``.
+
+A checkpoint holds the model weights, optimizer and scheduler state, the epoch, the
+early-stopping state and ``meta`` (config, class names, normalisation, image shape), so a
+model can be rebuilt and fed raw images without the run that made it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from trainers.config import TrainRunConfig
+from trainers.data import Split
+from trainers.loop import Model, Normalizer, evaluate, reduce_validation, resolve_precision
+from trainers.models import build_model
+
+STATE_FILE = "state.pt"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_state(state: dict, directory: str | Path) -> Path:
+    path = Path(directory) / STATE_FILE
+    torch.save(state, path)
+    return path
+
+
+def load_state(path: str | Path) -> dict:
+    """Load a checkpoint directory or ``state.pt`` file as weights only (no arbitrary unpickling)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no raysweep checkpoint at {str(path)!r} (expected a directory with {STATE_FILE})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refusing to load; it needs arbitrary unpickling, which could run code ({e})"
+        ) from None
+
+
+def model_from_state(state: dict, device: torch.device | str = "cpu") -> tuple[Model, TrainRunConfig, dict]:
+    """Rebuild the trained network (eval mode) with its normaliser; returns (model, config, meta)."""
+    meta = state["meta"]
+    cfg = TrainRunConfig.from_dict(meta["config"])
+    channels, height, _ = meta["image_shape"]
+    net = build_model(cfg.model, channels, height, len(meta["classes"]))
+    net.load_state_dict(state["model"])
+    model = Model(net.to(device).eval(), Normalizer(meta["mean"], meta["std"]).to(device), torch.contiguous_format)
+    return model, cfg, meta
+
+
+def evaluate_state(state: dict, split: Split, device: torch.device | str = "cpu", prefix: str = "test") -> dict:
+    """Accuracy and macro precision/recall/F1 of a checkpoint on ``split`` (one process)."""
+    device = torch.device(device)
+    model, cfg, meta = model_from_state(state, device)
+    split = Split(split.x.to(device), split.y.to(device))
+    precision = resolve_precision(cfg.train.precision, device)
+    loss_sum, cm = evaluate(model, split, cfg, len(meta["classes"]), precision)
+    return reduce_validation(loss_sum, cm, prefix)

@@ -1,0 +1,281 @@
+"""The validated configuration of one training run: one dataclass per concern.
+
+A YAML file mirrors these sections; every key has a default, so a file gives only what
+differs. ``TrainRunConfig.from_dict`` reports every problem at once (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from trainers.configtools import choice_problem, from_dict, range_problem, to_dict
+
+
+def _known(kind: str) -> list[str]:
+    # Imported lazily: the registries' modules import this one for their config types.
+    from trainers import augment, data, losses, models, optim  # noqa: F401
+
+    return {
+        "data set": data.DATASETS,
+        "model": models.MODELS,
+        "loss": losses.LOSSES,
+        "optimizer": optim.OPTIMIZERS,
+        "schedule": optim.SCHEDULES,
+    }[kind].names()
+
+
+def _drop_none(problems):
+    return [p for p in problems if p]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they are split.
+
+    ``root`` is the data set's path (a directory, or a Parquet file or directory);
+    ``test_root`` a separate test source. Data sets without a test split (digits,
+    synthetic, imagefolder, parquet without ``test_root``) carve one out of the
+    training data with ``test_fraction``; the validation split is always carved from
+    the training data, seeded by ``seed``. ``num_samples``, ``image_size``,
+    ``channels`` and ``num_classes`` shape the ``synthetic`` set; ``limit`` caps the
+    training images of any set (quick runs).
+    """
+
+    name: str = "digits"
+    root: str | None = None
+    test_root: str | None = None
+    download: bool = False
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    limit: int | None = None
+    seed: int = 0
+    num_samples: int = 2000
+    image_size: int = 16
+    channels: int = 3
+    num_classes: int = 10
+
+    def problems(self) -> list[str]:
+        return _drop_none(
+            [
+                choice_problem("name", self.name, _known("data set"), "data set"),
+                range_problem("val_fraction", self.val_fraction, 0.0, 0.9, low_open=True),
+                range_problem("test_fraction", self.test_fraction, 0.0, 0.9, low_open=True),
+                range_problem("limit", self.limit, 1),
+                range_problem("num_samples", self.num_samples, 10),
+                range_problem("image_size", self.image_size, 4, 1024),
+                range_problem("channels", self.channels, 1, 4),
+                range_problem("num_classes", self.num_classes, 2, 1000),
+            ]
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network. ``dropout`` applies before the classifier of every model with a head.
+
+    ``pretrained`` (resnet50) is a local weights file, or ``imagenet`` for torchvision's
+    file in the torch cache; raysweep never downloads weights. ``input_size`` resizes
+    images inside the model (e.g. 224 for ImageNet weights).
+    """
+
+    name: str = "simple_cnn"
+    dropout: float = 0.0
+    pretrained: str | None = None
+    freeze_backbone: bool = False
+    input_size: int | None = None
+    width: int = 1
+
+    def problems(self) -> list[str]:
+        return _drop_none(
+            [
+                choice_problem("name", self.name, _known("model"), "model"),
+                range_problem("dropout", self.dropout, 0.0, 0.95),
+                range_problem("input_size", self.input_size, 8, 1024),
+                range_problem("width", self.width, 1, 8),
+            ]
+        )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule.
+
+    ``weight_decay`` is L2 (decoupled for ``adamw``); ``l1`` adds ``l1 * sum(|w|)`` to
+    the loss. ``momentum``/``nesterov`` apply to ``momentum``. ``warmup_epochs`` ramps the
+    rate up linearly; ``onecycle`` with no warm-up rises over the first 30% of training.
+    """
+
+    name: str = "adam"
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    l1: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+
+    def problems(self) -> list[str]:
+        return _drop_none(
+            [
+                choice_problem("name", self.name, _known("optimizer"), "optimizer"),
+                choice_problem("schedule", self.schedule, _known("schedule"), "schedule"),
+                range_problem("lr", self.lr, 0.0, 100.0, low_open=True),
+                range_problem("weight_decay", self.weight_decay, 0.0, 1.0),
+                range_problem("l1", self.l1, 0.0, 1.0),
+                range_problem("momentum", self.momentum, 0.0, 0.999),
+                range_problem("warmup_epochs", self.warmup_epochs, 0.0),
+            ]
+        )
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "cross_entropy"
+    label_smoothing: float = 0.0
+
+    def problems(self) -> list[str]:
+        return _drop_none(
+            [
+                choice_problem("name", self.name, _known("loss"), "loss"),
+                range_problem("label_smoothing", self.label_smoothing, 0.0, 0.5),
+            ]
+        )
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Batch-wise training augmentation; 0 turns each one off.
+
+    ``rotation`` in degrees (uniform in ±rotation), ``shift`` as a fraction of width and
+    height, ``flip`` the probability of a horizontal flip, ``crop_padding`` in pixels
+    (random crop of the zero-padded image).
+    """
+
+    rotation: float = 0.0
+    shift: float = 0.0
+    flip: float = 0.0
+    crop_padding: int = 0
+
+    def problems(self) -> list[str]:
+        return _drop_none(
+            [
+                range_problem("rotation", self.rotation, 0.0, 180.0),
+                range_problem("shift", self.shift, 0.0, 0.5),
+                range_problem("flip", self.flip, 0.0, 1.0),
+                range_problem("crop_padding", self.crop_padding, 0, 64),
+            ]
+        )
+
+
+EARLY_STOP_METRICS = {"val_loss": "min", "val_accuracy": "max", "val_f1": "max"}
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop when ``metric`` has not improved by ``min_delta`` for ``patience`` epochs (0 = off).
+
+    ``metric`` also picks the best checkpoint, whichever the patience.
+    """
+
+    metric: str = "val_accuracy"
+    patience: int = 0
+    min_delta: float = 0.0
+
+    @property
+    def mode(self) -> str:
+        return EARLY_STOP_METRICS[self.metric]
+
+    def problems(self) -> list[str]:
+        return _drop_none(
+            [
+                choice_problem("metric", self.metric, EARLY_STOP_METRICS, "metric"),
+                range_problem("patience", self.patience, 0),
+                range_problem("min_delta", self.min_delta, 0.0),
+            ]
+        )
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop. ``batch_size`` is global (split across workers).
+
+    ``precision``: ``auto`` is bf16 on GPUs and on CPUs with native bf16 (AVX-512 BF16 or
+    AMX), else fp32, since bf16 is emulated, and slow, on other CPUs. ``fp16`` uses a loss
+    scaler (GPUs without bf16). ``max_failures`` is how often Ray Train restarts failed
+    workers from the last checkpoint.
+    """
+
+    epochs: int = 12
+    batch_size: int = 64
+    precision: str = "auto"
+    seed: int = 0
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    checkpoint_every: int = 1
+    max_failures: int = 2
+    channels_last: bool = True
+
+    def problems(self) -> list[str]:
+        return _drop_none(
+            [
+                range_problem("epochs", self.epochs, 1, 10_000),
+                range_problem("batch_size", self.batch_size, 1, 65_536),
+                choice_problem("precision", self.precision, PRECISIONS, "precision"),
+                range_problem("checkpoint_every", self.checkpoint_every, 1),
+                range_problem("max_failures", self.max_failures, 0),
+            ]
+        )
+
+
+SECTIONS = ("data", "model", "optim", "loss", "augment", "train")
+
+
+@dataclass(frozen=True)
+class TrainRunConfig:
+    """Everything one training run needs; travels to Ray workers as a plain dict."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "TrainRunConfig":
+        return from_dict(cls, values)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def replace(self, **sections) -> "TrainRunConfig":
+        return dataclasses.replace(self, **sections)
+
+
+def load_run_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> TrainRunConfig:
+    """A YAML file (optional) plus ``section.key=value`` overrides -> validated config.
+
+    Every problem, in the file and the overrides alike, is reported in one ``ConfigError``.
+    """
+    from trainers.configtools import ConfigError, load_yaml, parse_override, set_path
+
+    values = load_yaml(path) if path else {}
+    problems = []
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        set_path(values, key, value)
+    try:
+        cfg = TrainRunConfig.from_dict(values)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg

@@ -1,0 +1,174 @@
+"""Turning plain dicts (YAML, ``--set`` overrides, Ray configs) into validated dataclasses.
+
+Every problem is collected, not raised one at a time, so a user sees all of them at once:
+``ConfigError.problems`` is a list of ``"field: message"`` strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more invalid settings; ``problems`` names each field, value and fix."""
+
+    def __init__(self, problems: Iterable[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def _is_optional(hint) -> tuple[bool, Any]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(hint)) == 2:
+            return True, args[0]
+    return False, hint
+
+
+def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
+    """Convert ``value`` to ``hint`` where that is unambiguous (YAML reads ``1e-3`` as a string)."""
+    optional, hint = _is_optional(hint)
+    if value is None:
+        if optional:
+            return None
+        problems.append(f"{where}: null is not allowed; give a {getattr(hint, '__name__', hint)}")
+        return None
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            problems.append(f"{where}: expected a mapping of keys, got {value!r}")
+            return hint()
+        return _build(hint, value, where, problems)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(hint) is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+    elif typing.get_origin(hint) is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+    else:  # Any
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    problems.append(f"{where}: {value!r} is not a valid {name}")
+    return None
+
+
+def _build(cls, values: Mapping[str, Any], prefix: str, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            problems.append(f"{where}: unknown key; known keys here: {', '.join(sorted(fields))}")
+            continue
+        coerced = _coerce(value, hints[key], where, problems)
+        if coerced is not None or value is None:
+            kwargs[key] = coerced
+    obj = cls(**kwargs)
+    check = getattr(obj, "problems", None)
+    if check is not None:
+        problems.extend(f"{prefix}.{p}" if prefix else p for p in check())
+    return obj
+
+
+def from_dict(cls, values: Mapping[str, Any] | None, prefix: str = ""):
+    """Build dataclass ``cls`` from nested ``values``; raise ``ConfigError`` listing every problem."""
+    problems: list[str] = []
+    obj = _build(cls, values or {}, prefix, problems)
+    if problems:
+        raise ConfigError(problems)
+    return obj
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=0.01"`` -> ``(["optim", "lr"], 0.01)``; values are read as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError([f"--set {text!r}: expected section.key=value, e.g. optim.lr=0.01"])
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError([f"--set {text!r}: the key before '=' is empty"])
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def set_path(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[path[-1]] = value
+
+
+def merge(base: Mapping, update: Mapping) -> dict:
+    """Deep-merge two nested dicts; ``update`` wins."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError([f"--config: no file at {path!r}; check the path"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"--config {path}: not valid YAML ({e})"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"--config {path}: expected a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def choice_problem(field: str, value: str, known: Iterable[str], what: str) -> str | None:
+    known = sorted(known)
+    if value in known:
+        return None
+    return f"{field}: {value!r} is not a known {what}; choose one of: {', '.join(known)}"
+
+
+def range_problem(field: str, value, low=None, high=None, low_open=False) -> str | None:
+    if value is None:
+        return None
+    if low is not None and (value <= low if low_open else value < low):
+        return f"{field}: {value!r} must be {'>' if low_open else '>='} {low}"
+    if high is not None and value > high:
+        return f"{field}: {value!r} must be <= {high}"
+    return None

@@ -1,0 +1,142 @@
+"""The thin Ray boundary: turn Ray's config dict into our config and call the plain loop.
+
+``run_training`` builds one ``TorchTrainer`` (N data-parallel workers, DDP over gloo on CPU
+or nccl on GPU); ``train_loop_per_worker`` is what each worker runs. Callbacks (the results
+store) are handed down by the caller, so this package never imports ``cluster``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+
+from trainers.checkpoints import load_state, save_state
+from trainers.config import TrainRunConfig
+from trainers.data import ImageData
+from trainers.loop import WorkerContext, fit
+
+# Fault drill: with "EPOCH:MARKER_FILE" in this variable of the launching process, rank 1
+# (or 0 if alone) dies once, just before it reports EPOCH, so tests (and users) can check
+# that a restarted run resumes from its last checkpoint. The marker makes it happen once.
+FAULT_ENV = "RAYSWEEP_FAIL_ONCE_AT_EPOCH"
+
+
+class RayTrainReporter:
+    """Each epoch's metrics go to ``ray.train.report``; rank 0 attaches the checkpoint."""
+
+    def __init__(self, rank: int, world_size: int, fault: str | None = None):
+        self.rank, self.world_size = rank, world_size
+        self.fault = _parse_fault(fault)
+
+    def restore(self) -> dict | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return load_state(directory)
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        self._maybe_fail(metrics["epoch"])
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_state(state, directory)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+
+    def _maybe_fail(self, epoch: int) -> None:
+        if self.fault is None:
+            return
+        fail_epoch, marker = self.fault
+        if epoch == fail_epoch and self.rank == min(1, self.world_size - 1) and not marker.exists():
+            marker.write_text("failed once\n")
+            os._exit(1)
+
+
+def _parse_fault(spec: str | None):
+    if not spec:
+        return None
+    epoch, marker = spec.split(":", 1)
+    return int(epoch), Path(marker)
+
+
+def _quiet_report_log() -> None:
+    """Ray Train 2.60 logs every report at INFO, whole metrics dict included, on a logger
+    named by its file path (so LoggingConfig misses it); our callbacks already print a line
+    per epoch."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker. ``config``: ``{"run": TrainRunConfig dict, "data": ref}``."""
+    _quiet_report_log()
+    cfg = TrainRunConfig.from_dict(config["run"])
+    data = config["data"]
+    data: ImageData = ray.get(data) if isinstance(data, ray.ObjectRef) else data
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    ctx = WorkerContext(rank=rank, world_size=world, device=ray.train.torch.get_device(),
+                        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+    fit(cfg, data, ctx, RayTrainReporter(rank, world, config.get("fault")))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How many workers, and what each one takes from the cluster."""
+
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+    def scaling_config(self) -> ScalingConfig:
+        resources = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            resources["GPU"] = self.gpus_per_worker
+        return ScalingConfig(num_workers=self.workers, use_gpu=self.use_gpu, resources_per_worker=resources)
+
+
+def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: str, name: str,
+                 callbacks: list | None = None) -> ray.train.Result:
+    """Fit one model with Ray Train. ``data`` is an ``ImageData`` or an object ref to one.
+
+    Re-running with the same ``(storage_path, name)`` resumes from the last checkpoint.
+    Raises ``ray.train.TrainingFailedError`` once the workers have failed more than
+    ``cfg.train.max_failures`` times.
+    """
+    es = cfg.train.early_stopping
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.to_dict(), "data": data, "fault": os.environ.get(FAULT_ENV)},
+        scaling_config=placement.scaling_config(),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=callbacks or [],
+            logging_config=LoggingConfig(log_level="WARNING"),  # our callbacks print the progress
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=es.metric, checkpoint_score_order=es.mode
+            ),
+        ),
+    )
+    return trainer.fit()
+
+
+def best_checkpoint(result: ray.train.Result, metric: str, mode: str) -> Checkpoint | None:
+    """The checkpoint with the best ``metric`` (Ray keeps it and the latest)."""
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(metric) == m.get(metric)]
+    if not scored:
+        return result.checkpoint
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda cm: cm[1][metric])[0]

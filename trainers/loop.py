@@ -1,0 +1,281 @@
+"""The training loop, as plain functions that run with or without Ray.
+
+``fit`` drives epochs on one worker (rank) and hands each epoch's metrics and, when due, a
+checkpoint state to a ``Reporter``: Ray Train's report in a worker, Tune's in a one-worker
+trial, a list in tests. Metrics cover every rank: sums and the confusion matrix are
+all-reduced, so every rank sees the same numbers and takes the same decisions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from trainers.augment import augment_batch
+from trainers.config import TrainRunConfig
+from trainers.data import ImageData, Split
+from trainers.losses import compute_loss, l1_penalty
+from trainers.metrics import all_reduce_min, all_reduce_sum, confusion_matrix, scores_from_confusion
+from trainers.models import build_model
+from trainers.optim import build_optimizer
+
+STOP_EARLY, STOP_DIVERGED = "early_stopped", "diverged"
+NEVER = 2**62  # "no bad step" in a min-reduction
+
+
+class Reporter(Protocol):
+    def restore(self) -> dict | None:
+        """The state of the last checkpoint, or None on a fresh start."""
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        """Called once per epoch by every rank; ``state`` (rank 0 only) is to be checkpointed."""
+
+
+@dataclass
+class ListReporter:
+    """Keeps reports in memory: for tests and single-process use."""
+
+    resume_from: dict | None = None
+    metrics: list[dict] = field(default_factory=list)
+    states: list[dict] = field(default_factory=list)
+
+    def restore(self):
+        return self.resume_from
+
+    def report(self, metrics, state):
+        self.metrics.append(metrics)
+        if state is not None:  # a copy: the live tensors keep training
+            self.states.append(copy.deepcopy(state))
+
+
+@dataclass
+class WorkerContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m  # DDP under Ray Train
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto``: bf16 where the hardware has it natively, else fp32 (emulated bf16 is slow)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Normalizer(nn.Module):
+    """uint8 ``(N, C, H, W)`` -> float, scaled to [0, 1] and standardised per channel."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
+        self.register_buffer("inv_std", 1 / (torch.tensor(std).view(1, -1, 1, 1) * 255))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) * self.inv_std
+
+
+@dataclass
+class EpochStats:
+    loss_sum: torch.Tensor
+    correct: torch.Tensor  # on augmented training batches, as seen by the model
+    count: torch.Tensor
+    first_bad_step: torch.Tensor  # -1 while every loss is finite
+    seconds: float
+
+
+@dataclass
+class Model:
+    """The network and what it needs to read raw images: saved together in checkpoints."""
+
+    net: nn.Module
+    normalize: Normalizer
+    memory_format: torch.memory_format
+
+    def prepare(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        return self.normalize(x_uint8).contiguous(memory_format=self.memory_format)
+
+
+def train_one_epoch(model: Model, shard: Split, cfg: TrainRunConfig, optimizer, scheduler, local_batch: int,
+                    gen: torch.Generator, precision: str, scaler=None) -> EpochStats:
+    """One pass over this rank's shard: shuffle, augment, forward, loss + L1, step."""
+    device = shard.x.device
+    start = time.perf_counter()
+    model.net.train()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.float64)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    order = torch.randperm(len(shard), device=device, generator=gen)
+    for step, idx in enumerate(order.split(local_batch)):
+        x = augment_batch(model.prepare(shard.x[idx]), cfg.augment, gen)
+        with autocast_for(precision, device):
+            logits = model.net(x)
+            loss = compute_loss(logits, shard.y[idx], cfg.loss)
+        if cfg.optim.l1 > 0:
+            loss = loss + cfg.optim.l1 * l1_penalty(model.net)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        # Track divergence on the device: a host sync per step would stall GPUs.
+        bad = ~torch.isfinite(loss.detach())
+        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+        loss_sum += loss.detach().double() * len(idx)
+        correct += (logits.detach().argmax(1) == shard.y[idx]).sum()
+    return EpochStats(loss_sum, correct, torch.tensor(float(len(shard)), device=device), first_bad, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: Model, split: Split, cfg: TrainRunConfig, num_classes: int, precision: str,
+             batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (loss sum, confusion matrix) over ``split``; all-reduce them to combine ranks."""
+    net = getattr(model.net, "module", model.net)  # skip DDP's forward hooks when evaluating
+    net.eval()
+    device = split.x.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    cm = torch.zeros(num_classes, num_classes, device=device, dtype=torch.long)
+    for start in range(0, len(split), batch_size):
+        x, y = split.x[start:start + batch_size], split.y[start:start + batch_size]
+        with autocast_for(precision, device):
+            logits = net(model.prepare(x))
+        loss_sum += compute_loss(logits, y, cfg.loss).double() * len(y)
+        cm += confusion_matrix(y, logits.argmax(1), num_classes)
+    return loss_sum, cm
+
+
+def reduce_validation(loss_sum: torch.Tensor, cm: torch.Tensor, prefix: str) -> dict[str, float]:
+    all_reduce_sum(loss_sum)
+    all_reduce_sum(cm)
+    total = max(1, int(cm.sum()))
+    scores = scores_from_confusion(cm)
+    return {f"{prefix}_loss": float(loss_sum) / total, **{f"{prefix}_{k}": v for k, v in scores.items()}}
+
+
+@dataclass
+class EarlyStopper:
+    metric: str
+    mode: str
+    patience: int
+    min_delta: float
+    best: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's value; True when it is the best so far."""
+        sign = 1 if self.mode == "max" else -1
+        if self.best is None or sign * (value - self.best) > self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+
+def build_worker_model(cfg: TrainRunConfig, data: ImageData, device: torch.device) -> Model:
+    channels, height, _ = data.shape
+    net = build_model(cfg.model, channels, height, data.num_classes)
+    fmt = torch.channels_last if cfg.train.channels_last and channels > 1 else torch.contiguous_format
+    return Model(net.to(device, memory_format=fmt), Normalizer(data.mean, data.std).to(device), fmt)
+
+
+def checkpoint_meta(cfg: TrainRunConfig, data: ImageData) -> dict:
+    """What a checkpoint needs beyond weights to read raw images and name classes."""
+    return {"config": cfg.to_dict(), "classes": list(data.classes), "mean": list(data.mean),
+            "std": list(data.std), "image_shape": list(data.shape)}
+
+
+def fit(cfg: TrainRunConfig, data: ImageData, ctx: WorkerContext, reporter: Reporter) -> dict:
+    """Train for ``cfg.train.epochs`` (or until stopped); returns the last epoch's metrics."""
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    device, world = ctx.device, ctx.world_size
+    model = build_worker_model(cfg, data, device)
+    model.net = ctx.wrap_model(model.net)
+    train = data.train.shard(ctx.rank, world, equal=True)
+    train = Split(train.x.to(device), train.y.to(device))
+    val = data.val.shard(ctx.rank, world, equal=False)
+    val = Split(val.x.to(device), val.y.to(device))
+    local_batch = max(1, cfg.train.batch_size // world)
+    steps = math.ceil(len(train) / local_batch)
+    optimizer, scheduler = build_optimizer(model.net, cfg.optim, steps, cfg.train.epochs)
+    precision = resolve_precision(cfg.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    es = cfg.train.early_stopping
+    stopper = EarlyStopper(es.metric, es.mode, es.patience, es.min_delta)
+    first_epoch = 1
+    if (state := reporter.restore()) is not None:
+        getattr(model.net, "module", model.net).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stopper = EarlyStopper(es.metric, es.mode, es.patience, es.min_delta, **state["early_stopping"])
+        first_epoch = state["epoch"] + 1
+    meta = checkpoint_meta(cfg, data)
+    metrics: dict = {}
+    for epoch in range(first_epoch, cfg.train.epochs + 1):
+        gen = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + epoch * 1009 + ctx.rank)
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_one_epoch(model, train, cfg, optimizer, scheduler, local_batch, gen, precision, scaler)
+        eval_start = time.perf_counter()
+        val_metrics = reduce_validation(*evaluate(model, val, cfg, data.num_classes, precision), prefix="val")
+        sums = all_reduce_sum(torch.stack([stats.loss_sum, stats.correct, stats.count.double()]))
+        first_bad = all_reduce_min(torch.where(stats.first_bad_step >= 0, stats.first_bad_step, NEVER))
+        metrics = {
+            "epoch": epoch,
+            "train_loss": float(sums[0] / sums[2]),
+            "train_accuracy": float(sums[1] / sums[2]),
+            **val_metrics,
+            "lr": lr,
+            "epoch_seconds": stats.seconds + time.perf_counter() - eval_start,
+            "images_per_second": float(sums[2]) / max(stats.seconds, 1e-9),
+            "stop_reason": "",
+            "message": "",
+            "resumed_from_epoch": first_epoch - 1,  # > 0 after a restart from a checkpoint
+        }
+        if int(first_bad) != NEVER:  # some rank saw a non-finite loss
+            metrics.update(stop_reason=STOP_DIVERGED, message=(
+                f"loss became non-finite in epoch {epoch} at step {int(first_bad)} (learning rate {lr:.3g}); "
+                "lower optim.lr or add warm-up"))
+            reporter.report(metrics, None)
+            return metrics
+        is_best = stopper.update(metrics[es.metric], epoch)
+        metrics["best_epoch"] = stopper.best_epoch
+        last = epoch == cfg.train.epochs or stopper.should_stop
+        if stopper.should_stop:
+            metrics.update(stop_reason=STOP_EARLY, message=f"no {es.metric} gain for {es.patience} epochs")
+        due = last or is_best or epoch % cfg.train.checkpoint_every == 0
+        state = None
+        if due and ctx.rank == 0:
+            state = {"model": getattr(model.net, "module", model.net).state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "early_stopping": stopper.state(), "epoch": epoch, "meta": meta}
+        reporter.report(metrics, state)
+        if stopper.should_stop:
+            break
+    return metrics
