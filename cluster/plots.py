@@ -34,3 +34,49 @@ def training_curves(history: pa.Table, title: str = "") -> bytes:
     if title:
         fig.suptitle(title)
     return _png(fig)
+
+
+def optimisation_history(trials: pa.Table, metric: str, mode: str) -> bytes:
+    """Each finished trial's best value in start order, and the best so far."""
+    rows = [r for r in trials.to_pylist() if r.get(f"best_{metric}") is not None]
+    values = [r[f"best_{metric}"] for r in rows]
+    best_so_far, current = [], None
+    for v in values:
+        current = v if current is None else (max if mode == "max" else min)(current, v)
+        best_so_far.append(current)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = ["tab:blue" if r["status"] in ("completed", "early_stopped") else "tab:red" for r in rows]
+    ax.scatter(range(1, len(values) + 1), values, c=colours, label="trial (red: failed/diverged)")
+    ax.step(range(1, len(values) + 1), best_so_far, where="post", color="tab:orange", label="best so far")
+    ax.set(xlabel="trial", ylabel=f"best {metric}", title="optimisation history")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def importance(importances: dict[str, float]) -> bytes:
+    """Hyperparameter importance (Optuna's fANOVA), largest on top."""
+    items = sorted(importances.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(7, 0.4 * max(3, len(items)) + 1))
+    ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
+    ax.set(xlabel="importance", title="hyperparameter importance")
+    ax.grid(alpha=0.3, axis="x")
+    return _png(fig)
+
+
+def learning_curves(epochs: pa.Table, metric: str, best_trial: str | None) -> bytes:
+    """``metric`` per epoch for every trial; the best trial drawn bold."""
+    rows = epochs.to_pylist()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for trial in sorted({r["trial_id"] for r in rows}):
+        points = sorted((r["epoch"], r[metric]) for r in rows if r["trial_id"] == trial)
+        xs, ys = zip(*points)
+        if trial == best_trial:
+            ax.plot(xs, ys, "o-", color="tab:red", lw=2.5, zorder=3, label=f"best: {trial}")
+        else:
+            ax.plot(xs, ys, "-", color="tab:gray", alpha=0.5, lw=1)
+    ax.set(xlabel="epoch", ylabel=metric, title="learning curves of all trials")
+    ax.grid(alpha=0.3)
+    if best_trial:
+        ax.legend()
+    return _png(fig)

@@ -1,0 +1,220 @@
+"""`raysweep tune`: a hyperparameter search, its tables, plots and best model."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import ray
+
+from cluster.cli import EXIT_FAILED, EXIT_OK, add_common, add_config, command
+from cluster.connect import check_fits, connect
+from cluster.plots import importance, learning_curves, optimisation_history
+from cluster.store import ResultsStore
+from cluster.train_cmd import evaluate_on_test
+from cluster.tune_results import COMPLETED, EARLY_STOPPED, SearchResultsCallback
+from search_spaces.space import SearchSpace, load_space
+from search_spaces.tuner import SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, concurrency
+from trainers.config import TrainRunConfig, load_run_config
+from trainers.data import load_data
+from trainers.distributed import Placement
+from ray.train import Checkpoint
+
+GOOD = (COMPLETED, EARLY_STOPPED)
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    space: SearchSpace
+    base: TrainRunConfig  # the user's config; the space's fixed keys and samples go on top
+    search: SearchConfig
+    storage: str
+    name: str
+    address: str | None = None
+    resume: bool = True
+
+
+def _arguments(p):
+    p.add_argument("--space", required=True, help="a shipped space (digits_cnn, cifar_fast, cifar_resnet18, "
+                   "transfer_resnet50) or a YAML file")
+    add_config(p)
+    add_common(p)
+    d = SearchConfig()
+    p.add_argument("--trials", type=int, default=d.trials)
+    p.add_argument("--max-epochs", type=int, default=d.max_epochs)
+    p.add_argument("--workers-per-trial", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpu", action="store_true", help="GPUs for the workers")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="fractions share a GPU, e.g. 0.5")
+    p.add_argument("--concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
+    p.add_argument("--searcher", choices=SEARCHERS, default=d.searcher)
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
+    p.add_argument("--grace-period", type=int, default=d.grace_period, help="ASHA: epochs before a trial can stop")
+    p.add_argument("--reduction-factor", type=int, default=d.reduction_factor, help="ASHA: keep 1/r at each rung")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the search named --name (re-running a name does this too)")
+
+
+@command("tune", "search hyperparameters with Ray Tune + Optuna (TPE) and ASHA")(_arguments)
+def _tune(args) -> int:
+    space = load_space(args.space)
+    base = load_run_config(args.config, args.overrides)
+    placement = Placement(workers=args.workers_per_trial, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+                          gpus_per_worker=args.gpus_per_worker)
+    search = SearchConfig(trials=args.trials, max_epochs=args.max_epochs, searcher=args.searcher,
+                          scheduler=args.scheduler, grace_period=min(args.grace_period, args.max_epochs),
+                          reduction_factor=args.reduction_factor, concurrent=args.concurrent, seed=args.seed,
+                          placement=placement).validate()
+    if args.resume and not args.name:
+        from trainers.configtools import ConfigError
+
+        raise ConfigError(["--resume: name the search to continue with --name NAME"])
+    name = args.name or f"tune-{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    req = TuneRequest(space, base, search, args.storage, name, args.address)
+    best = run(req)
+    return EXIT_OK if best.get("status") == "ok" else EXIT_FAILED
+
+
+def base_config(req: TuneRequest) -> dict:
+    """The user's config with the epoch budget; each trial adds the space's keys."""
+    values = req.base.to_dict()
+    values["train"]["epochs"] = req.search.max_epochs
+    return values
+
+
+def run(req: TuneRequest) -> dict:
+    """Run (or resume) the search; returns what best.json holds."""
+    base = base_config(req)
+    probe = req.space.trial_config(base, req.space.default_point())  # config errors before Ray starts
+    data = load_data(probe.data)
+    connect(req.address)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    concurrent = concurrency(req.search, cpus)
+    check_fits(req.search.placement, concurrent=1, driver_cpus=req.search.driver_cpus)
+    store = ResultsStore(req.storage, req.name)
+    local_dir = store.local_path("")
+    print(f"raysweep tune: {req.name}: space {req.space.name}, {req.search.trials} trials x up to "
+          f"{req.search.max_epochs} epochs, {req.search.placement.workers} worker(s) per trial, {concurrent} at once, "
+          f"{req.search.searcher} + {req.search.scheduler}; results in {store.uri}", flush=True)
+    callback = SearchResultsCallback(store.storage, req.name, req.space, req.search.max_epochs)
+    tuner = build_tuner(req.space, base, data, req.search, store.storage, req.name, [callback], concurrent,
+                        local_dir.rstrip("/") if local_dir else None, resume=req.resume,
+                        progress_reporter=live_view(req.space))
+    tuner.fit()
+    return finish(req, store, data)
+
+
+def live_view(space: SearchSpace):
+    """Tune's compact trial table (the classic reporter), refreshed every 15 s."""
+    from ray.tune import CLIReporter
+
+    # The newer output engine prints a box per result; the table reads better.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    metrics = {"epoch": "epoch", space.metric: space.metric, "val_loss": "val_loss"}
+    always = [d for d in space.dimensions if not d.when and d.type != "loguniform_or_zero"]  # in every config
+    params = {d.key: d.key.split(".")[-1] for d in always[:6]}
+    return CLIReporter(metric_columns=metrics, parameter_columns=params, max_report_frequency=15,
+                       sort_by_metric=True, metric=space.metric, mode=space.mode)
+
+
+def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
+    """Leaderboard, plots, and the best trial's checkpoint on the test split -> best.json."""
+    trials, epochs = store.read_table("trials.parquet"), store.read_table("epochs.parquet")
+    metric, mode = req.space.metric, req.space.mode
+    rows = trials.to_pylist() if trials is not None else []
+    good = [r for r in rows if r["status"] in GOOD and r.get(f"best_{metric}") is not None]
+    _draw(req, store, trials, epochs, good, metric, mode)
+    if not good:
+        reasons = sorted({f"{r['status']}: {r.get('error') or '?'}" for r in rows})
+        best = {"status": "failed", "trials": len(rows), "reasons": reasons}
+        store.write_json("best.json", best)
+        print(f"raysweep tune: no trial succeeded ({len(rows)} trials):\n  " + "\n  ".join(reasons), flush=True)
+        return best
+    sign = 1 if mode == "max" else -1
+    top = max(good, key=lambda r: sign * r[f"best_{metric}"])
+    best = {"status": "ok", "trial_id": top["trial_id"], "metric": metric, "mode": mode,
+            "params": {k: top[k] for k in trials.column_names if k in _param_columns(req.space)},
+            "config": req.space.trial_config(base_config(req), _params_of(req.space, top)).to_dict(),
+            "best_epoch": top["best_epoch"], "checkpoint": top["checkpoint"],
+            **{k: top[k] for k in top if k.startswith(("best_val", "final_val"))}}
+    if top["checkpoint"]:
+        best.update(evaluate_on_test(Checkpoint(top["checkpoint"]), data, req.search.placement.use_gpu))
+    store.write_json("best.json", best)
+    print(leaderboard(rows, metric, mode), flush=True)
+    print(f"best trial {top['trial_id']}: {metric} {top[f'best_{metric}']:.4f} at epoch {top['best_epoch']}; "
+          + "  ".join(f"{k.removeprefix('test_')} {best[k]:.4f}" for k in
+                      ("test_accuracy", "test_precision", "test_recall", "test_f1") if k in best), flush=True)
+    print(f"results in {store.uri}/ (trials.parquet, epochs.parquet, best.json, *.png)", flush=True)
+    return best
+
+
+def _param_columns(space: SearchSpace) -> set[str]:
+    from cluster.tune_results import param_column
+
+    return {param_column(d.key) for d in space.dimensions}
+
+
+def _params_of(space: SearchSpace, row: dict) -> dict:
+    from cluster.tune_results import param_column
+
+    return {d.key: row[param_column(d.key)] for d in space.dimensions if row.get(param_column(d.key)) is not None}
+
+
+def leaderboard(rows: list[dict], metric: str, mode: str, top: int = 10) -> str:
+    sign = 1 if mode == "max" else -1
+    ranked = sorted(rows, key=lambda r: -sign * (r.get(f"best_{metric}") or (-1e18 * sign)))
+    lines = [f"{'trial':<12} {'status':<13} {'epochs':>6} {('best ' + metric):>18}"]
+    for r in ranked[:top]:
+        value = r.get(f"best_{metric}")
+        lines.append(f"{r['trial_id']:<12} {r['status']:<13} {r['epochs_run']:>6} "
+                     f"{(f'{value:.4f}' if value is not None else '-'):>18}")
+    return "\n".join(lines)
+
+
+def _draw(req, store, trials, epochs, good, metric, mode) -> None:
+    if trials is None or epochs is None or not epochs.num_rows:
+        return
+    store.write_bytes("optimisation_history.png", optimisation_history(trials, metric, mode))
+    sign = 1 if mode == "max" else -1
+    best_id = max(good, key=lambda r: sign * r[f"best_{metric}"])["trial_id"] if good else None
+    store.write_bytes("learning_curves.png", learning_curves(epochs, metric, best_id))
+    scores = _importances(req.space, trials, metric, mode)
+    if scores:
+        store.write_bytes("importance.png", importance(scores))
+
+
+def _importances(space: SearchSpace, trials: pa.Table, metric: str, mode: str) -> dict[str, float]:
+    """Optuna's fANOVA importance over the finished trials (needs at least two)."""
+    import optuna
+
+    from cluster.tune_results import param_column
+
+    rows = [r for r in trials.to_pylist() if r["status"] in GOOD and r.get(f"best_{metric}") is not None]
+    dims = [d for d in space.dimensions if all(r.get(param_column(d.key)) is not None for r in rows)]
+    if len(rows) < 2 or not dims:
+        return {}
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    dists = {d.key: _distribution(d) for d in dims}
+    for r in rows:
+        params = {d.key: r[param_column(d.key)] for d in dims}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=r[f"best_{metric}"]))
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError):  # e.g. every trial had the same values
+        return {}
+
+
+def _distribution(d):
+    import optuna
+
+    if d.type == "categorical":
+        return optuna.distributions.CategoricalDistribution(list(d.choices))
+    if d.type == "int":
+        return optuna.distributions.IntDistribution(int(d.low), int(d.high))
+    if d.type == "loguniform_or_zero":  # 0 is a value here, so no log scale
+        return optuna.distributions.FloatDistribution(0.0, d.high)
+    return optuna.distributions.FloatDistribution(d.low, d.high, log=d.type.startswith("loguniform"))

@@ -1,0 +1,218 @@
+"""The search's tables, fed by a Tune callback in the driver process.
+
+``trials.parquet`` (one row per trial) and ``epochs.parquet`` (one row per trial per
+epoch) are rewritten atomically as results arrive, so a crash at any moment leaves
+readable tables holding every finished trial. A resumed search reloads them: rows are
+keyed by trial id (and epoch), so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+from ray import tune
+
+from cluster.store import ResultsStore
+from cluster.tables import EPOCHS_SCHEMA, EpochLog
+from search_spaces.space import SearchSpace
+from search_spaces.tuner import CHECKPOINT_PATH_KEY
+from trainers.loop import STOP_DIVERGED, STOP_EARLY
+
+COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, RUNNING = "completed", "early_stopped", "diverged", "failed", "running"
+SUMMARY_METRICS = ("val_accuracy", "val_loss", "val_f1")
+
+
+def param_column(key: str) -> str:
+    """``optim.lr`` -> ``optim_lr`` (plain names read well in SQL)."""
+    return key.replace(".", "_")
+
+
+def _param_type(dim) -> pa.DataType:
+    if dim.type == "int":
+        return pa.int64()
+    if dim.type != "categorical":
+        return pa.float64()
+    kinds = {type(c) for c in dim.choices}
+    if kinds == {bool}:
+        return pa.bool_()
+    if kinds <= {int} and bool not in kinds:
+        return pa.int64()
+    if kinds <= {int, float}:
+        return pa.float64()
+    return pa.string()
+
+
+def trials_schema(space: SearchSpace) -> pa.Schema:
+    fields = [pa.field("trial_id", pa.string()), pa.field("status", pa.string())]
+    fields += [pa.field(param_column(d.key), _param_type(d)) for d in space.dimensions]
+    fields += [pa.field("epochs_run", pa.int32()), pa.field("best_epoch", pa.int32())]
+    for m in SUMMARY_METRICS:
+        fields += [pa.field(f"best_{m}", pa.float64()), pa.field(f"final_{m}", pa.float64())]
+    fields += [pa.field("wall_seconds", pa.float64()), pa.field("checkpoint", pa.string()),
+               pa.field("error", pa.string())]
+    return pa.schema(fields)
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    params: dict
+    started: float = field(default_factory=time.time)
+    status: str = RUNNING
+    epochs: dict = field(default_factory=dict)  # epoch -> metrics
+    checkpoints: dict = field(default_factory=dict)  # epoch -> path
+    error: str | None = None
+    wall_seconds: float | None = None
+
+    def best_epoch(self, metric: str, mode: str) -> int | None:
+        finite = {e: m for e, m in self.epochs.items() if _finite(m.get(metric))}
+        if not finite:
+            return None
+        pick = max if mode == "max" else min
+        return pick(sorted(finite), key=lambda e: finite[e][metric])
+
+    def best_checkpoint(self, metric: str, mode: str) -> str | None:
+        """The checkpoint of the best checkpointed epoch."""
+        scored = {e: p for e, p in self.checkpoints.items() if _finite(self.epochs.get(e, {}).get(metric))}
+        if not scored:
+            return None
+        pick = max if mode == "max" else min
+        return scored[pick(sorted(scored), key=lambda e: self.epochs[e][metric])]
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def trial_params(space: SearchSpace, config: dict) -> dict:
+    """Sampled values by train-config key; a loguniform_or_zero switched off reads 0."""
+    from search_spaces.space import params_to_keys
+
+    keys = params_to_keys(config)
+    return {d.key: keys.get(d.key) for d in space.dimensions}
+
+
+class SearchResultsCallback(tune.Callback):
+    """Writes the search's tables and prints a line as each trial ends."""
+
+    def __init__(self, storage: str, name: str, space: SearchSpace, max_epochs: int):
+        self.storage, self.name, self.space, self.max_epochs = storage, name, space, max_epochs
+        self._store: ResultsStore | None = None
+
+    def __getstate__(self):  # Tune pickles callbacks into its experiment state
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")} | {"_store": None}
+
+    # --- state -------------------------------------------------------------
+    @property
+    def store(self) -> ResultsStore:
+        if self._store is None:
+            self._store = ResultsStore(self.storage, self.name)
+            self._records: dict[str, TrialRecord] = {}
+            self._epochs = EpochLog(EPOCHS_SCHEMA, self._store.read_table("epochs.parquet"))
+            self._schema = trials_schema(self.space)
+            for row in (t.to_pylist() if (t := self._store.read_table("trials.parquet")) else []):
+                self._records[row["trial_id"]] = self._record_from_row(row)
+        return self._store
+
+    def _record_from_row(self, row: dict) -> TrialRecord:
+        rec = TrialRecord(row["trial_id"], {d.key: row.get(param_column(d.key)) for d in self.space.dimensions},
+                          status=row["status"], error=row.get("error"), wall_seconds=row.get("wall_seconds"))
+        rec.started = time.time() - (row.get("wall_seconds") or 0.0)
+        for epoch_row in self._epochs.rows.values():
+            if epoch_row["trial_id"] == rec.trial_id:
+                rec.epochs[epoch_row["epoch"]] = epoch_row
+        if row.get("checkpoint") and row.get("best_epoch"):
+            rec.checkpoints[row["best_epoch"]] = row["checkpoint"]
+        return rec
+
+    def _record(self, trial) -> TrialRecord:
+        _ = self.store
+        if trial.trial_id not in self._records:
+            self._records[trial.trial_id] = TrialRecord(trial.trial_id, trial_params(self.space, trial.config))
+        return self._records[trial.trial_id]
+
+    # --- Tune hooks ----------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info):
+        rec = self._record(trial)
+        rec.status = RUNNING
+        self._write_trials()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        rec = self._record(trial)
+        epoch = int(result["epoch"])
+        rec.epochs[epoch] = dict(result)
+        if result.get(CHECKPOINT_PATH_KEY):  # a multi-worker trial's Train checkpoint
+            rec.checkpoints[epoch] = result[CHECKPOINT_PATH_KEY]
+        self._epochs.add({**result, "trial_id": trial.trial_id})
+        self.store.write_table("epochs.parquet", self._epochs.table())
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        epoch = (trial.last_result or {}).get("epoch")
+        if epoch is not None:
+            self._record(trial).checkpoints[int(epoch)] = checkpoint.path
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        rec = self._record(trial)
+        last = rec.epochs[max(rec.epochs)] if rec.epochs else {}
+        if last.get("stop_reason") == STOP_DIVERGED:
+            rec.status, rec.error = DIVERGED, last.get("message")
+        elif last.get("stop_reason") == STOP_EARLY or (rec.epochs and max(rec.epochs) < self.max_epochs):
+            rec.status = EARLY_STOPPED  # its own patience, or ASHA
+        else:
+            rec.status = COMPLETED
+        self._finish(rec)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        rec = self._record(trial)
+        rec.status = FAILED
+        error = trial.get_error() or "error (no trace stored)"
+        rec.error = _last_line(str(error))
+        self._finish(rec)
+
+    # --- writing -----------------------------------------------------------------
+    def _finish(self, rec: TrialRecord) -> None:
+        rec.wall_seconds = time.time() - rec.started
+        self._write_trials()
+        print(self.describe(rec), flush=True)
+
+    def describe(self, rec: TrialRecord) -> str:
+        m = self.space.metric
+        best = rec.best_epoch(m, self.space.mode)
+        score = f"best {m} {rec.epochs[best][m]:.4f} (epoch {best})" if best else "no finite result"
+        params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in rec.params.items())
+        reason = f"  [{rec.error}]" if rec.error else ""
+        return f"trial {rec.trial_id} {rec.status:<13} epochs {len(rec.epochs):>2}  {score}  {params}{reason}"
+
+    def _write_trials(self) -> None:
+        rows = [self._row(r) for r in self._records.values()]
+        columns = {f.name: [row.get(f.name) for row in rows] for f in self._schema}
+        self.store.write_table("trials.parquet", pa.table(columns, schema=self._schema))
+
+    def _row(self, rec: TrialRecord) -> dict:
+        m, mode = self.space.metric, self.space.mode
+        best = rec.best_epoch(m, mode)
+        final = rec.epochs[max(rec.epochs)] if rec.epochs else {}
+        row = {"trial_id": rec.trial_id, "status": rec.status, "epochs_run": len(rec.epochs),
+               "best_epoch": best, "wall_seconds": rec.wall_seconds, "error": rec.error,
+               "checkpoint": rec.best_checkpoint(m, mode)}
+        row.update({param_column(k): _cast(v) for k, v in rec.params.items()})
+        for name in SUMMARY_METRICS:
+            row[f"best_{name}"] = rec.epochs[best].get(name) if best else None
+            row[f"final_{name}"] = final.get(name)
+        return row
+
+
+def _cast(v):
+    return str(v) if isinstance(v, str) else v
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][-500:] if lines else text

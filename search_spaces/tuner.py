@@ -1,0 +1,237 @@
+"""A search: OptunaSearch (TPE, or random) + ASHA over one space, one Tune trial per train run.
+
+A one-worker trial runs the training loop inside the Tune function itself (no
+``TorchTrainer``: its start-up would cost more than a small trial's training). A trial of
+several workers starts a ``TorchTrainer`` and forwards its reports to Tune with
+``TuneReportCallback``. Results reach the caller through Tune callbacks it hands down.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from search_spaces.space import SearchSpace
+from trainers.checkpoints import load_state, save_state
+from trainers.configtools import ConfigError
+from trainers.data import ImageData
+from trainers.distributed import Placement, run_training
+from trainers.loop import STOP_DIVERGED, WorkerContext, fit
+
+SEARCHERS = ("optuna", "random")
+SCHEDULERS = ("asha", "none")
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # where TuneReportCallback puts a Train checkpoint's path
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How a search runs; validated before any Ray process starts."""
+
+    trials: int = 12
+    max_epochs: int = 8
+    searcher: str = "optuna"
+    scheduler: str = "asha"
+    grace_period: int = 2
+    reduction_factor: int = 3
+    concurrent: int | None = None  # default: as many as the cluster fits
+    seed: int = 0
+    placement: Placement = field(default_factory=Placement)
+    trial_max_failures: int = 1
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.trials < 1:
+            out.append(f"--trials: {self.trials} must be >= 1")
+        if self.max_epochs < 1:
+            out.append(f"--max-epochs: {self.max_epochs} must be >= 1")
+        if self.searcher not in SEARCHERS:
+            out.append(f"--searcher: {self.searcher!r} is not one of {', '.join(SEARCHERS)}")
+        if self.scheduler not in SCHEDULERS:
+            out.append(f"--scheduler: {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        if self.grace_period < 1 or self.grace_period > self.max_epochs:
+            out.append(f"--grace-period: {self.grace_period} must lie in 1..--max-epochs ({self.max_epochs})")
+        if self.reduction_factor < 2:
+            out.append(f"--reduction-factor: {self.reduction_factor} must be >= 2")
+        if self.concurrent is not None and self.concurrent < 1:
+            out.append(f"--concurrent: {self.concurrent} must be >= 1")
+        if self.placement.workers < 1:
+            out.append(f"--workers-per-trial: {self.placement.workers} must be >= 1")
+        if self.placement.cpus_per_worker <= 0:
+            out.append(f"--cpus-per-worker: {self.placement.cpus_per_worker} must be > 0")
+        if self.placement.use_gpu and not 0 < self.placement.gpus_per_worker <= 1:
+            out.append(f"--gpus-per-worker: {self.placement.gpus_per_worker} must lie in (0, 1]")
+        return out
+
+    def validate(self) -> "SearchConfig":
+        if problems := self.problems():
+            raise ConfigError(problems)
+        return self
+
+    @property
+    def driver_cpus(self) -> float:
+        """A one-worker trial trains in its own Tune function; a multi-worker trial's
+        function only waits on its TorchTrainer, so it takes a sliver of a CPU."""
+        return 0.0 if self.placement.workers == 1 else 0.01
+
+
+class TuneReporter:
+    """Reports of a one-worker trial go straight to Tune, with checkpoints."""
+
+    def restore(self) -> dict | None:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return load_state(directory)
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        if state is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_state(state, directory)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def run_trial(params: dict, *, space: SearchSpace, base: dict, data: ImageData, placement: Placement,
+              train_storage: str) -> None:
+    """One Tune trial: the sampled ``params`` applied to ``base`` make one train run."""
+    cfg = space.trial_config(base, params)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch
+    if placement.workers == 1:
+        use_gpu = placement.use_gpu and torch.cuda.is_available()
+        device = torch.device("cuda" if use_gpu else "cpu")
+        fit(cfg, data, WorkerContext(device=device), TuneReporter())
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    run_training(cfg, ray.put(data), placement, train_storage, name=f"trial_{trial_id}",
+                 callbacks=[TuneReportCallback()])
+
+
+class GuardedOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna each trial's *best* value, and FAIL for trials that
+    errored or diverged (Ray's own tells COMPLETE whenever a metric exists), so the sampler
+    never learns from them as if they were results."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._best: dict[str, float] = {}
+        self._diverged: set[str] = set()
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        if result.get("stop_reason") == STOP_DIVERGED:
+            self._diverged.add(trial_id)
+            return
+        value = result.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return
+        sign = 1 if self.mode == "max" else -1
+        if trial_id not in self._best or sign * (value - self._best[trial_id]) > 0:
+            self._best[trial_id] = value
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        failed = error or trial_id in self._diverged or (result or {}).get("stop_reason") == STOP_DIVERGED
+        ot_trial = self._ot_trials[trial_id]
+        if failed or trial_id not in self._best:
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            self._ot_study.tell(ot_trial, self._best[trial_id], state=optuna.trial.TrialState.COMPLETE)
+        self._completed_trials.add(trial_id)
+
+
+def optuna_storage(experiment_dir: str | None):
+    """A journal file in the experiment directory (local storage), so optuna-dashboard can
+    open the study and a resumed search continues it; in memory for remote storage."""
+    if experiment_dir is None:
+        return None
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    Path(experiment_dir).mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(Path(experiment_dir) / "optuna.journal")))
+
+
+def build_searcher(space: SearchSpace, search: SearchConfig, study_name: str, experiment_dir: str | None):
+    sampler = (optuna.samplers.TPESampler(seed=search.seed) if search.searcher == "optuna"
+               else optuna.samplers.RandomSampler(seed=search.seed))
+    return GuardedOptunaSearch(
+        space=space.define_by_run(), metric=space.metric, mode=space.mode, sampler=sampler,
+        points_to_evaluate=[space.default_point()] if search.searcher == "optuna" else None,
+        study_name=study_name, storage=optuna_storage(experiment_dir),
+    )
+
+
+def build_scheduler(space: SearchSpace, search: SearchConfig):
+    if search.scheduler == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, max_t=search.max_epochs,
+                         grace_period=search.grace_period, reduction_factor=search.reduction_factor)
+
+
+def concurrency(search: SearchConfig, cluster_cpus: float) -> int:
+    """Trials that fit at once: each takes its function's CPUs plus its workers'."""
+    per_trial = search.driver_cpus + search.placement.workers * search.placement.cpus_per_worker
+    fits = int(cluster_cpus // per_trial + 1e-9)
+    return max(1, min(search.trials, search.concurrent or fits))
+
+
+def trainable(space: SearchSpace, base: dict, data: ImageData, search: SearchConfig, experiment_uri: str):
+    p = search.placement
+    fn = tune.with_parameters(run_trial, space=space, base=base, data=data, placement=p,
+                              train_storage=experiment_uri)
+    if p.workers == 1:
+        resources = {"cpu": p.cpus_per_worker, "gpu": p.gpus_per_worker if p.use_gpu else 0}
+    else:
+        resources = {"cpu": search.driver_cpus}
+    return tune.with_resources(fn, resources)
+
+
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def build_tuner(space: SearchSpace, base: dict, data: ImageData, search: SearchConfig, storage: str, name: str,
+                callbacks: list[Any], concurrent: int, experiment_dir: str | None, resume: bool,
+                progress_reporter=None) -> tune.Tuner:
+    """A new Tuner, or the restored one when ``<storage>/<name>`` holds a search and ``resume``."""
+    experiment_uri = f"{storage.rstrip('/')}/{name}"
+    fn = trainable(space, base, data, search, experiment_uri)
+    if resume and tune.Tuner.can_restore(experiment_uri):
+        return tune.Tuner.restore(experiment_uri, trainable=fn, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False)
+    return tune.Tuner(
+        fn,
+        tune_config=tune.TuneConfig(
+            search_alg=build_searcher(space, search, name, experiment_dir),
+            scheduler=build_scheduler(space, search),
+            num_samples=search.trials,
+            max_concurrent_trials=concurrent,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=search.trial_max_failures),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=space.metric, checkpoint_score_order=space.mode),
+            progress_reporter=progress_reporter,
+            verbose=1,
+        ),
+    )
