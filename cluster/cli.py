@@ -105,4 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m cluster.cli`: subcommands register into the importable module,
+    # not into this __main__ copy of it.
+    from cluster.cli import main as cli_main
+
+    sys.exit(cli_main())

@@ -31,7 +31,7 @@ class ResultsStore:
         self.storage, self.name = resolve_storage(storage), name
         self.fs, root = pafs.FileSystem.from_uri(self.storage) if "://" in self.storage else (pafs.LocalFileSystem(), self.storage)
         self.root = f"{root.rstrip('/')}/{name}"
-        self.fs.create_dir(self.root, recursive=True)
+        self._dir_made = False
 
     @property
     def uri(self) -> str:
@@ -45,6 +45,9 @@ class ResultsStore:
         return self.path(relative) if isinstance(self.fs, pafs.LocalFileSystem) else None
 
     def _atomic(self, relative: str, write) -> None:
+        if not self._dir_made:  # readers never create directories
+            self.fs.create_dir(self.root, recursive=True)
+            self._dir_made = True
         final = self.path(relative)
         tmp = f"{self.root}/.{os.path.basename(relative)}.{uuid.uuid4().hex}.tmp"
         write(tmp)

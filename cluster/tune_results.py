@@ -22,6 +22,7 @@ from search_spaces.tuner import CHECKPOINT_PATH_KEY
 from trainers.loop import STOP_DIVERGED, STOP_EARLY
 
 COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, RUNNING = "completed", "early_stopped", "diverged", "failed", "running"
+FINAL = (COMPLETED, EARLY_STOPPED, DIVERGED, FAILED)
 SUMMARY_METRICS = ("val_accuracy", "val_loss", "val_f1")
 
 
@@ -137,6 +138,8 @@ class SearchResultsCallback(tune.Callback):
     # --- Tune hooks ----------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
         rec = self._record(trial)
+        if rec.status in FINAL:  # a resumed search re-opens trials whose end Tune had not saved
+            return
         rec.status = RUNNING
         self._write_trials()
 
@@ -156,6 +159,8 @@ class SearchResultsCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         rec = self._record(trial)
+        if rec.status in FINAL:
+            return
         last = rec.epochs[max(rec.epochs)] if rec.epochs else {}
         if last.get("stop_reason") == STOP_DIVERGED:
             rec.status, rec.error = DIVERGED, last.get("message")
@@ -167,6 +172,8 @@ class SearchResultsCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         rec = self._record(trial)
+        if rec.status in FINAL:
+            return
         rec.status = FAILED
         error = trial.get_error() or "error (no trace stored)"
         rec.error = _last_line(str(error))

@@ -31,7 +31,8 @@ from trainers.loop import STOP_DIVERGED, WorkerContext, fit
 
 SEARCHERS = ("optuna", "random")
 SCHEDULERS = ("asha", "none")
-CHECKPOINT_PATH_KEY = "checkpoint_path"  # where TuneReportCallback puts a Train checkpoint's path
+CHECKPOINT_PATH_KEY = "checkpoint_path"
+DRIVER_MEMORY_BYTES = 64 * 2**20  # where TuneReportCallback puts a Train checkpoint's path
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,10 @@ class SearchConfig:
 
     @property
     def driver_cpus(self) -> float:
-        """A one-worker trial trains in its own Tune function; a multi-worker trial's
-        function only waits on its TorchTrainer, so it takes a sliver of a CPU."""
-        return 0.0 if self.placement.workers == 1 else 0.01
+        """A one-worker trial trains inside its Tune function (which holds the worker's
+        resources); a multi-worker trial's function only waits on its TorchTrainer, whose
+        workers hold theirs, so the function takes no CPU of its own."""
+        return 0.0
 
 
 class TuneReporter:
@@ -131,12 +133,21 @@ class GuardedOptunaSearch(OptunaSearch):
         self._best: dict[str, float] = {}
         self._diverged: set[str] = set()
 
+    def _open_in_study(self, trial_id: str) -> bool:
+        """False for trials the study already finished: after a resume, Tune re-runs
+        trials whose end it had not yet saved, but the journal has them complete."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return False
+        states = {t.number: t.state for t in self._ot_study.get_trials(deepcopy=False)}
+        return states.get(ot_trial.number) == optuna.trial.TrialState.RUNNING
+
     def on_trial_result(self, trial_id: str, result: dict):
         if result.get("stop_reason") == STOP_DIVERGED:
             self._diverged.add(trial_id)
             return
         value = result.get(self.metric)
-        if value is None or not math.isfinite(value):
+        if value is None or not math.isfinite(value) or not self._open_in_study(trial_id):
             return
         sign = 1 if self.mode == "max" else -1
         if trial_id not in self._best or sign * (value - self._best[trial_id]) > 0:
@@ -144,7 +155,7 @@ class GuardedOptunaSearch(OptunaSearch):
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if not self._open_in_study(trial_id):
             return
         failed = error or trial_id in self._diverged or (result or {}).get("stop_reason") == STOP_DIVERGED
         ot_trial = self._ot_trials[trial_id]
@@ -198,7 +209,8 @@ def trainable(space: SearchSpace, base: dict, data: ImageData, search: SearchCon
     if p.workers == 1:
         resources = {"cpu": p.cpus_per_worker, "gpu": p.gpus_per_worker if p.use_gpu else 0}
     else:
-        resources = {"cpu": search.driver_cpus}
+        # Tune refuses an all-zero request; a little memory stands in for "no CPU".
+        resources = {"cpu": search.driver_cpus, "memory": DRIVER_MEMORY_BYTES}
     return tune.with_resources(fn, resources)
 
 

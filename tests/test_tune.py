@@ -1,0 +1,173 @@
+"""`raysweep tune` end to end on a real local Ray (2 CPUs)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.cli import main
+from cluster.tables import EPOCHS_SCHEMA
+from cluster.tune_results import trials_schema
+from search_spaces.space import load_space
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tune(tmp_path, name, *extra):
+    return main(["tune", "--storage", str(tmp_path), "--name", name, *extra])
+
+
+def _trials(run_dir):
+    return pq.read_table(run_dir / "trials.parquet").to_pylist()
+
+
+def test_small_search_with_asha_writes_tables_plots_and_best(tmp_path):
+    assert _tune(tmp_path, "s", "--space", "digits_cnn", "--trials", "6", "--max-epochs", "4",
+                 "--grace-period", "1", "--reduction-factor", "2", "--seed", "1") == 0
+    run = tmp_path / "s"
+    trials = _trials(run)
+    assert len(trials) == 6 and len({t["trial_id"] for t in trials}) == 6
+    statuses = {t["status"] for t in trials}
+    assert statuses <= {"completed", "early_stopped"} and "early_stopped" in statuses  # ASHA stopped some
+    assert any(t["epochs_run"] < 4 for t in trials) and any(t["epochs_run"] == 4 for t in trials)
+    epochs = pq.read_table(run / "epochs.parquet")
+    assert epochs.schema.equals(EPOCHS_SCHEMA)
+    assert epochs.num_rows == sum(t["epochs_run"] for t in trials)
+    pairs = list(zip(epochs.column("trial_id").to_pylist(), epochs.column("epoch").to_pylist()))
+    assert len(pairs) == len(set(pairs))
+    best = json.loads((run / "best.json").read_text())
+    assert best["trial_id"] in {t["trial_id"] for t in trials}
+    assert best["best_val_accuracy"] == max(t["best_val_accuracy"] for t in trials)
+    assert 0.5 < best["test_accuracy"] <= 1 and {"test_precision", "test_recall", "test_f1"} <= set(best)
+    assert Path(best["checkpoint"], "state.pt").is_file()
+    for png in ("optimisation_history.png", "importance.png", "learning_curves.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG"
+    # The study lives in the experiment directory, for optuna-dashboard and resumes.
+    study = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(run / "optuna.journal"))))
+    assert len(study.trials) == 6
+    # The space's default point is among the trials (the searcher's first point).
+    assert any(t["optim_lr"] == 2.0e-3 and t["optim_name"] == "adam" for t in trials)
+
+
+def test_results_command_reads_tables_without_ray(tmp_path, capsys):
+    assert _tune(tmp_path, "r", "--space", "digits_cnn", "--trials", "2", "--max-epochs", "2",
+                 "--scheduler", "none") == 0
+    capsys.readouterr()
+    assert main(["results", str(tmp_path / "r"), "--format", "json", "--top", "1"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0]["status"] == "completed" and rows[0]["epochs_run"] == 2
+    assert main(["results", str(tmp_path / "r"), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.count("\n") == 3  # header + 2 trials
+    assert main(["results", str(tmp_path / "missing")]) == 2
+
+
+def test_two_worker_trials_stopped_by_asha_do_not_hang_the_search(tmp_path):
+    """Ray Train's workers of a trial that ASHA stops must give their CPUs back (guide)."""
+    start = time.monotonic()
+    assert _tune(tmp_path, "w2", "--space", "digits_cnn", "--trials", "3", "--max-epochs", "3",
+                 "--workers-per-trial", "2", "--grace-period", "1", "--reduction-factor", "2", "--seed", "3") == 0
+    trials = _trials(tmp_path / "w2")
+    assert len(trials) == 3 and all(t["status"] in ("completed", "early_stopped") for t in trials)
+    assert any(t["status"] == "early_stopped" for t in trials)
+    assert all(t["checkpoint"] for t in trials)
+    assert time.monotonic() - start < 400
+
+
+FAULTY_SPACE = """
+name: faulty
+fixed: {optim.name: sgd, train.seed: 0}
+params:
+  model.name: {type: categorical, choices: [simple_cnn, fast_cifar]}   # fast_cifar cannot take 8x8 digits
+  optim.lr: {type: categorical, choices: [0.05, 9.5]}                   # 9.5 overflows in epoch 1
+"""
+
+
+def test_failing_and_diverging_trials_are_recorded_and_not_learned_from(tmp_path):
+    space = tmp_path / "faulty.yaml"
+    space.write_text(FAULTY_SPACE)
+    code = _tune(tmp_path, "f", "--space", str(space), "--trials", "8", "--max-epochs", "2", "--searcher", "random",
+                 "--scheduler", "none", "--seed", "0")
+    assert code == 0
+    trials = _trials(tmp_path / "f")
+    assert len(trials) == 8
+    by_status = {s: [t for t in trials if t["status"] == s] for s in ("completed", "diverged", "failed")}
+    assert all(by_status.values()), [(t["model_name"], t["optim_lr"], t["status"]) for t in trials]
+    assert all(t["model_name"] == "fast_cifar" and t["error"] for t in by_status["failed"])
+    assert all(t["optim_lr"] == 9.5 and "non-finite" in t["error"] for t in by_status["diverged"])
+    study = optuna.load_study(study_name="f", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "f" / "optuna.journal"))))
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == len(by_status["failed"]) + len(by_status["diverged"])
+
+
+def test_a_search_where_every_trial_fails_exits_nonzero_with_reasons(tmp_path, capsys):
+    space = tmp_path / "broken.yaml"
+    space.write_text("name: broken\nfixed: {model.name: fast_cifar}\n"
+                     "params: {optim.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}}\n")
+    assert _tune(tmp_path, "b", "--space", str(space), "--trials", "2", "--max-epochs", "1") == 1
+    out = capsys.readouterr().out
+    assert "no trial succeeded" in out and "failed:" in out
+    assert json.loads((tmp_path / "b" / "best.json").read_text())["status"] == "failed"
+
+
+def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path):
+    cmd = [sys.executable, "-m", "cluster.cli", "tune", "--space", "digits_cnn", "--trials", "6", "--max-epochs", "3",
+           "--scheduler", "none", "--storage", str(tmp_path), "--name", "k", "--concurrent", "1"]
+    # Its own embedded Ray (not this module's), so killing its process group kills it all.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    table = tmp_path / "k" / "trials.parquet"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            if table.exists() and sum(r["status"] == "completed" for r in pq.read_table(table).to_pylist()) >= 2:
+                break
+            assert proc.poll() is None, "the search ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("no two trials finished in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its embedded Ray, as if the machine died
+        proc.wait()
+    before = {r["trial_id"]: r for r in pq.read_table(table).to_pylist() if r["status"] == "completed"}
+    assert _tune(tmp_path, "k", "--space", "digits_cnn", "--trials", "6", "--max-epochs", "3", "--scheduler", "none",
+                 "--concurrent", "1", "--resume") == 0
+    after = {r["trial_id"]: r for r in _trials(tmp_path / "k")}
+    assert len(after) == 6 and all(r["status"] == "completed" for r in after.values())
+    for trial_id, row in before.items():  # finished trials kept as they were, not re-run
+        assert after[trial_id]["wall_seconds"] == row["wall_seconds"]
+    epochs = pq.read_table(tmp_path / "k" / "epochs.parquet")
+    pairs = list(zip(epochs.column("trial_id").to_pylist(), epochs.column("epoch").to_pylist()))
+    assert len(pairs) == len(set(pairs)) == 18
+
+
+def test_trials_schema_is_pinned():
+    schema = trials_schema(load_space("digits_cnn"))
+    expected = pa.schema([
+        ("trial_id", pa.string()), ("status", pa.string()),
+        ("optim_name", pa.string()), ("optim_lr", pa.float64()), ("optim_momentum", pa.float64()),
+        ("optim_weight_decay", pa.float64()), ("optim_l1", pa.float64()), ("model_dropout", pa.float64()),
+        ("loss_label_smoothing", pa.float64()), ("augment_rotation", pa.float64()), ("augment_shift", pa.float64()),
+        ("epochs_run", pa.int32()), ("best_epoch", pa.int32()),
+        ("best_val_accuracy", pa.float64()), ("final_val_accuracy", pa.float64()),
+        ("best_val_loss", pa.float64()), ("final_val_loss", pa.float64()),
+        ("best_val_f1", pa.float64()), ("final_val_f1", pa.float64()),
+        ("wall_seconds", pa.float64()), ("checkpoint", pa.string()), ("error", pa.string()),
+    ])
+    assert schema.equals(expected)
+
+
+def test_requests_that_can_never_fit_are_refused(tmp_path, capsys):
+    assert _tune(tmp_path, "x", "--space", "digits_cnn", "--workers-per-trial", "3") == 2
+    assert "CPUs but the cluster has 2" in capsys.readouterr().err
