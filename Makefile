@@ -8,7 +8,7 @@ install:
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
 demo: install
-	raysweep train --workers 2
+	raysweep tune --space digits_cnn --trials 12 --max-epochs 8
 
 test: install
 	$(PYTHON) -m pytest -q tests
