@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 import ray
 
+from cluster.auth import secure_token_file
 from trainers.distributed import Placement
 
 
@@ -61,6 +62,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         dashboard_host="127.0.0.1",
         logging_level=logging.WARNING,
     )
+    secure_token_file()  # Ray writes a new token file with the umask's mode (0644 here)
 
 
 def check_fits(placement: Placement, concurrent: int = 1, driver_cpus: float = 0.0) -> None:
