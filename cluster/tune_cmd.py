@@ -54,6 +54,8 @@ def _arguments(p):
     p.add_argument("--grace-period", type=int, default=d.grace_period, help="ASHA: epochs before a trial can stop")
     p.add_argument("--reduction-factor", type=int, default=d.reduction_factor, help="ASHA: keep 1/r at each rung")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--trial-retries", type=int, default=d.trial_max_failures,
+                   help="restarts of a trial that raised (from its last checkpoint) before it counts as failed")
     p.add_argument("--resume", action="store_true",
                    help="continue the search named --name (re-running a name does this too)")
 
@@ -67,7 +69,7 @@ def _tune(args) -> int:
     search = SearchConfig(trials=args.trials, max_epochs=args.max_epochs, searcher=args.searcher,
                           scheduler=args.scheduler, grace_period=min(args.grace_period, args.max_epochs),
                           reduction_factor=args.reduction_factor, concurrent=args.concurrent, seed=args.seed,
-                          placement=placement).validate()
+                          placement=placement, trial_max_failures=args.trial_retries).validate()
     if args.resume and not args.name:
         from trainers.configtools import ConfigError
 

@@ -64,6 +64,8 @@ class SearchConfig:
             out.append(f"--grace-period: {self.grace_period} must lie in 1..--max-epochs ({self.max_epochs})")
         if self.reduction_factor < 2:
             out.append(f"--reduction-factor: {self.reduction_factor} must be >= 2")
+        if self.trial_max_failures < 0:
+            out.append(f"--trial-retries: {self.trial_max_failures} must be >= 0")
         if self.concurrent is not None and self.concurrent < 1:
             out.append(f"--concurrent: {self.concurrent} must be >= 1")
         if self.placement.workers < 1:

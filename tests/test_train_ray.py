@@ -44,7 +44,8 @@ def test_a_worker_that_dies_mid_run_resumes_from_its_checkpoint(tmp_path, monkey
                  "--set", "train.epochs=5"])
     assert code == 0 and marker.exists()  # the worker really died once
     summary = _summary(tmp_path / "fault")
-    assert summary["status"] == "completed" and summary["resumed_from_epoch"] == 2
+    # Restarted from a checkpoint (the last one Ray had processed), not from scratch.
+    assert summary["status"] == "completed" and 1 <= summary["resumed_from_epoch"] <= 2
     epochs = pq.read_table(tmp_path / "fault" / "history.parquet").column("epoch").to_pylist()
     assert epochs == [1, 2, 3, 4, 5]
 
