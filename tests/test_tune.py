@@ -59,11 +59,13 @@ def test_small_search_with_asha_writes_tables_plots_and_best(tmp_path):
     assert any(t["optim_lr"] == 2.0e-3 and t["optim_name"] == "adam" for t in trials)
 
 
-def test_results_command_reads_tables_without_ray(tmp_path, capsys):
-    assert _tune(tmp_path, "r", "--space", "digits_cnn", "--trials", "2", "--max-epochs", "2",
-                 "--scheduler", "none") == 0
+def test_uri_storage_and_the_results_command_without_ray(tmp_path, capsys):
+    uri = f"file://{tmp_path}"  # any pyarrow.fs URI (s3://, gs://, ...) takes the same path
+    assert main(["tune", "--storage", uri, "--name", "r", "--space", "digits_cnn", "--trials", "2",
+                 "--max-epochs", "2", "--scheduler", "none"]) == 0
+    assert json.loads((tmp_path / "r" / "best.json").read_text())["test_accuracy"] > 0.5
     capsys.readouterr()
-    assert main(["results", str(tmp_path / "r"), "--format", "json", "--top", "1"]) == 0
+    assert main(["results", f"{uri}/r", "--format", "json", "--top", "1"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 1 and rows[0]["status"] == "completed" and rows[0]["epochs_run"] == 2
     assert main(["results", str(tmp_path / "r"), "--format", "csv"]) == 0
