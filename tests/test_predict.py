@@ -1,6 +1,8 @@
 """`raysweep predict` and `raysweep export` on a real local Ray (2 CPUs), from one short
 digits run trained once for the module."""
 
+import contextlib
+import io
 import json
 import re
 import subprocess
@@ -16,6 +18,7 @@ from torchvision.io import write_png
 from cluster.cli import main
 from trainers.config import TrainRunConfig
 from trainers.data import load_data, write_parquet_images
+from trainers.inference import inference_precision
 
 
 class NotWeights:
@@ -98,32 +101,40 @@ def test_image_folder_with_corrupt_and_wrong_size_files(run, tmp_path, capsys):
     assert sum(r["error"] is not None for r in rows.values()) == 2
 
 
-def test_tune_experiment_uses_its_best_trial_on_the_digits_test_split(run, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tuned(run, tmp_path_factory):
+    """`predict --data digits` of a tune experiment (a hand-made best.json naming the run's
+    checkpoint): (exit code, what it printed, output rows)."""
     run_dir, summary, test, classes = run
-    experiment = tmp_path / "tune-x"
-    experiment.mkdir()
+    experiment = tmp_path_factory.mktemp("tune-x")
     (experiment / "best.json").write_text(json.dumps({"trial_id": "t1", "checkpoint": summary["checkpoint"]}))
-    out = tmp_path / "tuned.parquet"
-    code, printed = _predict(capsys, "--checkpoint", experiment, "--data", "digits", "--out", out)
+    out = experiment / "tuned.parquet"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        code = main(["predict", "--checkpoint", str(experiment), "--data", "digits", "--out", str(out), "--top-k", "10"])
+    return code, printed.getvalue(), pq.read_table(out).to_pylist() if code == 0 else []
+
+
+def test_tune_experiment_uses_its_best_trial_on_the_digits_test_split(run, tuned):
+    run_dir, summary, test, classes = run
+    code, printed, rows = tuned
     assert code == 0
     assert "tune experiment's best trial" in printed and summary["checkpoint"] in printed
     assert f"{_printed_accuracy(printed):.4f}" == f"{summary['test_accuracy']:.4f}"
-    table = pq.read_table(out)
-    assert table.num_rows == len(test) and table.column("label").to_pylist() == test.y.tolist()
+    assert len(rows) == len(test) and [r["label"] for r in rows] == test.y.tolist()
 
 
-def test_export_loads_in_plain_pytorch_and_predicts_the_same(run, tmp_path, capsys):
+def test_export_loads_in_plain_pytorch_and_predicts_the_same(run, tuned, tmp_path, capsys):
     run_dir, summary, test, classes = run
     model = tmp_path / "model.pt"
     assert main(["export", "--checkpoint", summary["checkpoint"], "--out", str(model)]) == 0
-    # The same images through `raysweep predict` (fp32, as the export is)...
-    write_parquet_images(tmp_path / "in.parquet", test.x, test.y, classes)
-    out = tmp_path / "p.parquet"
-    code, _ = _predict(capsys, "--checkpoint", run_dir, "--data", f"parquet:{tmp_path / 'in.parquet'}",
-                       "--out", out, "--precision", "fp32", "--top-k", "10")
-    assert code == 0
-    predicted = pq.read_table(out).to_pylist()
-    # ...and through the exported file in a fresh interpreter that cannot import raysweep.
+    # The export is fp32; so was `predict` above wherever the run's precision resolves to fp32.
+    predicted = tuned[2]
+    if inference_precision(TrainRunConfig.from_dict(summary["config"]), "cpu") != "fp32":
+        code, _ = _predict(capsys, "--checkpoint", run_dir, "--data", "digits", "--out", tmp_path / "p.parquet",
+                           "--precision", "fp32", "--top-k", "10")
+        assert code == 0
+        predicted = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    # The same images through the exported file, in a fresh interpreter that cannot import raysweep.
     torch.save(test.x.clone(), tmp_path / "x.pt")
     script = textwrap.dedent(f"""
         import json, sys
@@ -187,3 +198,12 @@ def test_bad_requests_are_refused_before_any_work(run, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(run_dir), "--data", f"imagefolder:{tmp_path / 'pets'}", "--out", out]) == 2
     assert "['cats'] are not classes of the model" in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_checkpoint_found_through_a_file_uri(run):
+    from cluster.predict_cmd import load_checkpoint
+
+    run_dir, summary, _, classes = run
+    state, where, how = load_checkpoint(f"file://{run_dir}")
+    assert where == f"file://{summary['checkpoint']}" and how == "the train run's best checkpoint"
+    assert set(state) == {"model", "meta"} and state["meta"]["classes"] == classes
