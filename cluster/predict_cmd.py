@@ -412,7 +412,6 @@ def pool_size(req: PredictRequest) -> int:
 
 def run_predict(req: PredictRequest) -> dict:
     """Predict every input; write the Parquet file (and confusion PNG); returns the report."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
     import torch
