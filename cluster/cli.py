@@ -76,15 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _import_commands() -> None:
-    """Modules that register further subcommands."""
-    import importlib
-
-    for module in ("cluster.tune_cmd", "cluster.results_cmd", "cluster.jobs_cmd", "cluster.predict_cmd"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+    """The modules whose ``@command`` decorators register the other subcommands."""
+    from cluster import jobs_cmd, predict_cmd, results_cmd, tune_cmd  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:
