@@ -98,12 +98,17 @@ class Placement:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    # Ray's placement-group strategy for the workers: PACK (fewest nodes: the fastest
+    # all-reduce) or SPREAD (one worker per node where possible: losing a node costs fewer
+    # workers; also how tests show workers on different nodes).
+    strategy: str = "PACK"
 
     def scaling_config(self) -> ScalingConfig:
         resources = {"CPU": self.cpus_per_worker}
         if self.use_gpu:
             resources["GPU"] = self.gpus_per_worker
-        return ScalingConfig(num_workers=self.workers, use_gpu=self.use_gpu, resources_per_worker=resources)
+        return ScalingConfig(num_workers=self.workers, use_gpu=self.use_gpu, resources_per_worker=resources,
+                             placement_strategy=self.strategy)
 
 
 def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: str, name: str,
