@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 import ray
+import yaml
 
 from cluster.auth import secure_token_file
 from trainers.distributed import Placement
@@ -65,9 +67,36 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     secure_token_file()  # Ray writes a new token file with the umask's mode (0644 here)
 
 
+def capacity() -> dict[str, float]:
+    """The resources the cluster has, or can grow to: on an autoscaling cluster (cluster.yaml,
+    GPU workers from 0) this counts the nodes the autoscaler may still add."""
+    now = ray.cluster_resources()
+    ceiling = autoscaler_ceiling()
+    return {k: max(now.get(k, 0.0), ceiling.get(k, 0.0)) for k in set(now) | set(ceiling)}
+
+
+def autoscaler_ceiling(bootstrap: Path | None = None) -> dict[str, float]:
+    """Most resources the autoscaler may add: Ray's own figure where the GCS holds one (what Ray
+    Train checks), else the cluster launcher's config on the head (resources x max_workers
+    per node type); {} where nothing autoscales."""
+    from ray._private.state import state
+
+    limits = state.get_max_resources_from_cluster_config() if ray.is_initialized() else None
+    if limits:
+        return {k: float(v) for k, v in limits.items()}
+    bootstrap = bootstrap or Path.home() / "ray_bootstrap_config.yaml"  # written by `ray up` on the head
+    if not bootstrap.is_file():
+        return {}
+    total: dict[str, float] = {}
+    for node_type in (yaml.safe_load(bootstrap.read_text()) or {}).get("available_node_types", {}).values():
+        for key, value in (node_type.get("resources") or {}).items():
+            total[key] = total.get(key, 0.0) + float(value) * node_type.get("max_workers", 0)
+    return total
+
+
 def check_fits(placement: Placement, concurrent: int = 1, driver_cpus: float = 0.0) -> None:
     """Refuse at once what the cluster can never run, instead of waiting on Ray's 60 s timeout."""
-    total = ray.cluster_resources()
+    total = capacity()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     need_cpus = concurrent * (driver_cpus + placement.workers * placement.cpus_per_worker)
     problems = []

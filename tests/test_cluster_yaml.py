@@ -61,3 +61,16 @@ def test_every_node_installs_the_project_and_keeps_auth_on_and_the_dashboard_pri
     assert "RAY_AUTH_MODE=token ray start --head" in head and "RAY_AUTH_MODE=token ray start --address" in workers
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
     assert "s3://" in (ROOT / "cluster.yaml").read_text()  # results and checkpoints go to object storage
+
+
+def test_raysweep_counts_the_gpu_nodes_the_autoscaler_may_add(tmp_path):
+    """On the head, `ray up` leaves the prepared config as ~/ray_bootstrap_config.yaml; with GPU
+    workers at 0, raysweep's resource check counts what they can grow to instead of refusing."""
+    import json
+
+    from cluster.connect import autoscaler_ceiling
+
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text(json.dumps(_prepared()))  # Ray writes it as JSON, which YAML reads
+    assert autoscaler_ceiling(bootstrap) == {"CPU": 64.0, "GPU": 8.0}  # 8 x g5.2xlarge, spot off
+    assert autoscaler_ceiling(tmp_path / "none") == {}
