@@ -12,12 +12,11 @@ Where each worker ran comes from Ray's state API (actors keep their node id afte
 from __future__ import annotations
 
 import logging
-import os
+import shutil
 import socket
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import ray
@@ -50,7 +49,8 @@ def cluster():
     # "current cluster" address file that a bare ray.init() would join) in a directory of its
     # own, and tell its processes which cluster is theirs (Ray Train's placement-group
     # cleaner looks it up).
-    env.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="rsm", dir="/tmp"))
+    ray_tmpdir = tempfile.mkdtemp(prefix="rsm", dir="/tmp")
+    env.setenv("RAY_TMPDIR", ray_tmpdir)
     gcs_port = free_port()
     env.setenv("RAY_ADDRESS", f"127.0.0.1:{gcs_port}")
     env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -69,6 +69,7 @@ def cluster():
         ray.shutdown()
         c.shutdown()
         env.undo()
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
 
 def _train_workers() -> dict[str, str]:
