@@ -130,7 +130,7 @@ def test_a_node_lost_mid_training_resumes_from_its_checkpoint_on_the_nodes_left(
                 victim = next((n for n in cluster.worker_nodes if n.node_id in alive), None)
                 if victim is not None:
                     removed.update(node=victim.node_id, after_epoch=max(history.column("epoch").to_pylist()),
-                                   at=time.monotonic())
+                                   workers_before=set(_train_workers()))
                     cluster.remove_node(victim, allow_graceful=False)  # as a machine that dies
                     return
             time.sleep(0.2)
@@ -144,14 +144,16 @@ def test_a_node_lost_mid_training_resumes_from_its_checkpoint_on_the_nodes_left(
         done.set()
         remover.join(timeout=30)
     epochs = store.read_table("history.parquet").column("epoch").to_pylist()
-    after = {actor: node for actor, node in _train_workers().items() if actor not in before}
+    restarted = {actor: node for actor, node in _train_workers().items()
+                 if actor not in before and actor not in removed.get("workers_before", ())}
     print(f"removed node {removed.get('node', '-')[:8]} after epoch {removed.get('after_epoch')}; resumed from "
-          f"epoch {summary.get('resumed_from_epoch')}; history epochs {epochs}; workers ran on "
-          f"{sorted({n[:8] for n in after.values()})}")
+          f"epoch {summary.get('resumed_from_epoch')}; history epochs {epochs}; restarted workers ran on "
+          f"{sorted(n[:8] for n in restarted.values())}; test accuracy {summary.get('test_accuracy', 0):.4f}")
     assert removed, "no training node was removed"
     assert summary["status"] == "completed" and summary["resumed_from_epoch"] >= 2
     assert epochs == list(range(1, 7))  # every epoch exactly once
     alive_now = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert removed["node"] not in alive_now and len(alive_now) == 2
-    assert len(set(after.values())) >= 2  # the restarted group ran on the nodes that remain
+    # The restarted group ran on the nodes that remain, one worker each (SPREAD).
+    assert len(restarted) == 2 and set(restarted.values()) <= alive_now and len(set(restarted.values())) == 2
     assert summary["test_accuracy"] >= 0.9
