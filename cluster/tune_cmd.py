@@ -7,17 +7,17 @@ import time
 from dataclasses import dataclass
 
 import pyarrow as pa
-import ray
 
 from cluster.cli import EXIT_FAILED, EXIT_OK, add_common, add_config, command
-from cluster.connect import check_fits, connect
+from cluster.connect import capacity, check_fits, connect
 from cluster.plots import importance, learning_curves, optimisation_history
 from cluster.store import ResultsStore
 from cluster.train_cmd import evaluate_on_test
 from cluster.tune_results import COMPLETED, EARLY_STOPPED, SearchResultsCallback
 from search_spaces.space import SearchSpace, load_space
 from search_spaces.tuner import SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, concurrency
-from trainers.config import TrainRunConfig, load_run_config
+from trainers.config import load_run_values
+from trainers.configtools import merge
 from trainers.data import load_data
 from trainers.distributed import Placement
 from ray.train import Checkpoint
@@ -28,7 +28,7 @@ GOOD = (COMPLETED, EARLY_STOPPED)
 @dataclass(frozen=True)
 class TuneRequest:
     space: SearchSpace
-    base: TrainRunConfig  # the user's config; the space's fixed keys and samples go on top
+    user: dict  # what the user set (--config/--set), over the space's fixed keys
     search: SearchConfig
     storage: str
     name: str
@@ -63,7 +63,7 @@ def _arguments(p):
 @command("tune", "search hyperparameters with Ray Tune + Optuna (TPE) and ASHA")(_arguments)
 def _tune(args) -> int:
     space = load_space(args.space)
-    base = load_run_config(args.config, args.overrides)
+    user = load_run_values(args.config, args.overrides)
     placement = Placement(workers=args.workers_per_trial, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
                           gpus_per_worker=args.gpus_per_worker)
     search = SearchConfig(trials=args.trials, max_epochs=args.max_epochs, searcher=args.searcher,
@@ -75,16 +75,14 @@ def _tune(args) -> int:
 
         raise ConfigError(["--resume: name the search to continue with --name NAME"])
     name = args.name or f"tune-{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    req = TuneRequest(space, base, search, args.storage, name, args.address)
+    req = TuneRequest(space, user, search, args.storage, name, args.address)
     best = run(req)
     return EXIT_OK if best.get("status") == "ok" else EXIT_FAILED
 
 
 def base_config(req: TuneRequest) -> dict:
-    """The user's config with the epoch budget; each trial adds the space's keys."""
-    values = req.base.to_dict()
-    values["train"]["epochs"] = req.search.max_epochs
-    return values
+    """The user's settings with the epoch budget (--max-epochs) that every trial shares."""
+    return merge(req.user, {"train": {"epochs": req.search.max_epochs}})
 
 
 def run(req: TuneRequest) -> dict:
@@ -93,8 +91,7 @@ def run(req: TuneRequest) -> dict:
     probe = req.space.trial_config(base, req.space.default_point())  # config errors before Ray starts
     data = load_data(probe.data)
     connect(req.address)
-    cpus = ray.cluster_resources().get("CPU", 0)
-    concurrent = concurrency(req.search, cpus)
+    concurrent = concurrency(req.search, capacity())
     check_fits(req.search.placement, concurrent=1, driver_cpus=req.search.driver_cpus)
     store = ResultsStore(req.storage, req.name)
     local_dir = store.local_path("")

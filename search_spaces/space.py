@@ -30,7 +30,7 @@ from typing import Any, Callable
 import yaml
 
 from trainers.config import EARLY_STOP_METRICS, TrainRunConfig
-from trainers.configtools import ConfigError, set_path
+from trainers.configtools import ConfigError, merge, set_path
 from trainers.registry import Registry
 
 SPACES_DIR = Path(__file__).parent
@@ -137,10 +137,15 @@ class SearchSpace:
                 point[d.key] = d.default
         return point
 
-    def trial_config(self, base: dict, params: dict[str, Any]) -> TrainRunConfig:
-        """``base`` train config + fixed keys + one trial's sampled values -> validated config."""
-        values = _deepcopy(base)
-        for key, value in {**self.fixed, **params_to_keys(params)}.items():
+    def trial_config(self, user: dict, params: dict[str, Any]) -> TrainRunConfig:
+        """One trial's validated config: defaults, then the space's fixed keys, then what the
+        user set (``--config``/``--set``, as a nested dict, so ``--set data.root=...`` beats a
+        space's ``fixed: data.root``), then the trial's sampled values."""
+        values: dict = {}
+        for key, value in self.fixed.items():
+            set_path(values, key.split("."), value)
+        values = merge(values, user)
+        for key, value in params_to_keys(params).items():
             set_path(values, key.split("."), value)
         return TrainRunConfig.from_dict(values)
 
@@ -167,10 +172,6 @@ def params_to_keys(params: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def _deepcopy(d: dict) -> dict:
-    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -197,10 +197,13 @@ def build_scheduler(space: SearchSpace, search: SearchConfig):
                          grace_period=search.grace_period, reduction_factor=search.reduction_factor)
 
 
-def concurrency(search: SearchConfig, cluster_cpus: float) -> int:
-    """Trials that fit at once: each takes its function's CPUs plus its workers'."""
-    per_trial = search.driver_cpus + search.placement.workers * search.placement.cpus_per_worker
-    fits = int(cluster_cpus // per_trial + 1e-9)
+def concurrency(search: SearchConfig, resources: dict[str, float]) -> int:
+    """Trials that fit at once in ``resources`` (what the cluster has or can grow to):
+    each takes its function's CPUs plus its workers' CPUs (and GPUs)."""
+    p = search.placement
+    fits = int(resources.get("CPU", 0.0) // (search.driver_cpus + p.workers * p.cpus_per_worker) + 1e-9)
+    if p.use_gpu:
+        fits = min(fits, int(resources.get("GPU", 0.0) // (p.workers * p.gpus_per_worker) + 1e-9))
     return max(1, min(search.trials, search.concurrent or fits))
 
 

@@ -43,7 +43,7 @@ JOBS = {
     "tune": (["tune", "--space", "digits_cnn", "--trials", "2", "--max-epochs", "2", "--workers-per-trial", "1"],
              "trials.parquet", 2),
 }
-JOB, RESULT_TABLE, RESULT_ROWS = JOBS[os.environ.get("RAYSWEEP_TEST_JOB", "train")]
+JOB, RESULT_TABLE, RESULT_ROWS = JOBS[os.environ.get("RAYSWEEP_TEST_JOB", "tune")]
 
 
 def free_port() -> int:

@@ -91,3 +91,21 @@ def test_loguniform_or_zero_turns_off_and_on():
         study.tell(t, 0.0)
     assert values == {True, False}
     assert math.isclose(space.trial_config({}, {"optim.l1.off": False, "optim.l1": 1e-4}).optim.l1, 1e-4)
+
+
+def test_what_the_user_sets_beats_a_spaces_fixed_keys_and_samples_beat_both():
+    space = load_space("cifar_fast")  # fixes data.root: ./data/cifar10 and optim.name: momentum
+    cfg = space.trial_config({"data": {"root": "/mnt/cifar"}, "train": {"epochs": 3}}, {"optim.lr": 0.5})
+    assert (cfg.data.root, cfg.data.name, cfg.train.epochs, cfg.optim.lr) == ("/mnt/cifar", "parquet", 3, 0.5)
+    assert cfg.optim.name == "momentum"
+
+
+def test_concurrency_counts_cpus_and_gpus():
+    from search_spaces.tuner import SearchConfig, concurrency
+    from trainers.distributed import Placement
+
+    assert concurrency(SearchConfig(trials=12), {"CPU": 2}) == 2
+    assert concurrency(SearchConfig(trials=12, placement=Placement(workers=2)), {"CPU": 5}) == 2
+    gpu = SearchConfig(trials=12, placement=Placement(workers=1, use_gpu=True, gpus_per_worker=0.5))
+    assert concurrency(gpu, {"CPU": 16, "GPU": 2}) == 4
+    assert concurrency(SearchConfig(trials=1), {"CPU": 8}) == 1

@@ -261,6 +261,12 @@ def load_run_config(path: str | None = None, overrides: tuple[str, ...] | list[s
 
     Every problem, in the file and the overrides alike, is reported in one ``ConfigError``.
     """
+    return TrainRunConfig.from_dict(load_run_values(path, overrides))
+
+
+def load_run_values(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> dict:
+    """What the user set, as a nested dict (only the keys they gave), after checking that it
+    makes a valid config; ``load_run_config`` builds the config from it."""
     from trainers.configtools import ConfigError, load_yaml, parse_override, set_path
 
     values = load_yaml(path) if path else {}
@@ -273,9 +279,9 @@ def load_run_config(path: str | None = None, overrides: tuple[str, ...] | list[s
             continue
         set_path(values, key, value)
     try:
-        cfg = TrainRunConfig.from_dict(values)
+        TrainRunConfig.from_dict(values)
     except ConfigError as e:
         problems += e.problems
     if problems:
         raise ConfigError(problems)
-    return cfg
+    return values
