@@ -1,0 +1,139 @@
+"""overhead: steady-state epoch time of `raysweep train` (1 worker) against a plain PyTorch
+loop: same model, data, batch size, precision, seed and thread count. Target: ratio <= 1.02.
+
+Each round runs one `raysweep train` (the real path: ``cluster.train_cmd.run``, Ray Train
+worker, results store, checkpoint every epoch, test evaluation at the end) and then the
+plain loop (``benchmarks.plain``), in A B / B A order. Epoch 1 of every run is the warm-up
+and left out. raysweep's epochs are timed inside the worker (``worker_timing``): from one
+epoch's first batch to the next's, so evaluation, metrics, checkpoint and report all count;
+the plain loop's epoch is its training pass plus its evaluation pass.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from benchmarks import plain
+from benchmarks.common import Result, alternate, local_ray, median, set_threads, spread
+from benchmarks.worker_timing import EventReader, epoch_times
+
+TARGET = 1.02
+
+SIZES = {  # the recipe of examples/cifar10_fast.yaml on synthetic CIFAR-shaped data
+    "full": dict(num_samples=6000, image_size=32, epochs=5, rounds=3, overrides=[]),
+    "quick": dict(num_samples=3000, image_size=32, epochs=3, rounds=2, overrides=[]),
+    "smoke": dict(num_samples=300, image_size=16, epochs=2, rounds=1,
+                  overrides=["model.name=simple_cnn", "train.batch_size=64"]),
+}
+
+
+def raysweep_run(cfg, data, threads: int, storage: str, name: str) -> dict:
+    """One `raysweep train` with one worker; its epochs as timed inside the worker."""
+    from cluster import train_cmd
+    from trainers.distributed import Placement
+
+    reader = EventReader()
+    t0 = time.time()
+    summary = train_cmd.run(train_cmd.TrainRequest(cfg, Placement(workers=1, cpus_per_worker=threads), storage, name),
+                            data=data)
+    t_end = time.time()
+    if summary.get("status") != "completed":
+        raise RuntimeError(f"raysweep train {name} ended {summary.get('status')}: {summary.get('error')}")
+    timing = epoch_times(reader.read())
+    if timing["epoch_seconds"]:
+        source = "in-worker"
+    else:  # no timing hook in this Ray (one started elsewhere): history's per-epoch figures
+        import pyarrow.parquet as pq
+
+        hist = pq.read_table(os.path.join(storage, name, "history.parquet")).to_pylist()
+        timing = {"epoch_seconds": [r["epoch_seconds"] for r in hist], "first_batch_t": None, "last_report_t": None,
+                  "train_seconds": [len(data.train) / r["images_per_second"] for r in hist], "threads": [], "pids": []}
+        source = "history.parquet epoch_seconds (no in-worker timing)"
+    return {**timing, "source": source, "wall_seconds": t_end - t0,
+            "startup_seconds": timing["first_batch_t"] - t0 if timing["first_batch_t"] else None,
+            "teardown_seconds": t_end - timing["last_report_t"] if timing["last_report_t"] else None}
+
+
+def plain_run(data, recipe, epochs: int) -> dict:
+    t0 = time.time()
+    out = plain.run(data, recipe, epochs)
+    rows = out["epochs"]
+    return {"epoch_seconds": [r["epoch_seconds"] for r in rows], "train_seconds": [r["train_seconds"] for r in rows],
+            "startup_seconds": out["startup_seconds"], "wall_seconds": time.time() - t0,
+            "threads": [torch.get_num_threads()]}
+
+
+def run(mode: str = "full") -> Result:
+    size = SIZES[mode]
+    threads = set_threads()
+    from trainers.data import load_data
+    from trainers.loop import resolve_precision
+
+    data_cfg = {"name": "synthetic", "num_samples": size["num_samples"], "image_size": size["image_size"],
+                "channels": 3, "num_classes": 10, "root": None}
+    cfg = plain.example_config([f"data.{k}={'null' if v is None else v}" for k, v in data_cfg.items()]
+                               + [f"train.epochs={size['epochs']}"] + size["overrides"])
+    precision = resolve_precision(cfg.train.precision, torch.device("cpu"))  # auto: what raysweep picks here
+    recipe = plain.Recipe.from_config(cfg, precision)
+    data = load_data(cfg.data)
+    storage = tempfile.mkdtemp(prefix="raysweep-bench-overhead-")
+    runs: dict[str, list[dict]] = {"raysweep": [], "plain": []}
+    counter = iter(range(1000))
+    t_ray = time.time()
+    try:
+        with local_ray(threads) as started:
+            ray_init_s = time.time() - t_ray if started else None
+
+            def side_raysweep():
+                runs["raysweep"].append(raysweep_run(cfg, data, threads, storage, f"overhead-{next(counter)}"))
+                return 0.0
+
+            def side_plain():
+                runs["plain"].append(plain_run(data, recipe, size["epochs"]))
+                return 0.0
+
+            alternate({"raysweep": side_raysweep, "plain": side_plain}, reps=size["rounds"], warmup=0)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+
+    def steady(side, key):  # every run's epochs after the first
+        return [s for r in runs[side] for s in r[key][1:]]
+
+    ep = {s: steady(s, "epoch_seconds") for s in runs}
+    tr = {s: steady(s, "train_seconds") for s in runs}
+    ratio = median(ep["raysweep"]) / median(ep["plain"])
+    train_ratio = median(tr["raysweep"]) / median(tr["plain"])
+    per_round = [median(a["epoch_seconds"][1:]) / median(b["epoch_seconds"][1:])
+                 for a, b in zip(runs["raysweep"], runs["plain"])]
+    n_train = len(data.train)
+    rows = []
+    for side, label in (("raysweep", "raysweep train, 1 worker"), ("plain", "plain PyTorch loop")):
+        rows.append([label, median(r["startup_seconds"] for r in runs[side] if r["startup_seconds"] is not None),
+                     median(ep[side]), spread(ep[side]), median(tr[side]),
+                     median(ep[side]) - median(tr[side]), n_train / median(tr[side])])
+    rows.append(["ratio raysweep / plain", None, ratio, spread(per_round), train_ratio, None, None])
+    worker_threads = sorted({t for r in runs["raysweep"] for t in r["threads"]})
+    notes = [f"{recipe.model}, {precision}, batch {recipe.batch_size}, {n_train} synthetic 3x{size['image_size']}^2 "
+             f"training images, {size['epochs']} epochs x {size['rounds']} rounds (epoch 1 of each run left out), "
+             f"{threads} threads on both sides (worker threads seen: {worker_threads})",
+             f"raysweep epochs timed: {runs['raysweep'][0]['source']}; 'rest' = evaluation (+ metrics, checkpoint, "
+             "report for raysweep)",
+             "startup: seconds from the call to the first batch (Ray already running; raysweep: Ray Train "
+             f"controller + worker + process group + data; plain: model + optimiser). ray.init: "
+             f"{'-' if ray_init_s is None else f'{ray_init_s:.1f} s'}",
+             "spread of the ratio row: per-round ratios"]
+    return Result(
+        name="overhead", value=ratio, target=f"<= {TARGET}", met=ratio <= TARGET,
+        unit="x (raysweep epoch / plain epoch, medians)",
+        headers=["side", "startup s", "epoch s", "epoch spread", "train s", "rest s", "train img/s"],
+        rows=rows, notes=notes,
+        details={"ratio": ratio, "train_ratio": train_ratio, "per_round_ratio": per_round, "threads": threads,
+                 "precision": precision, "recipe": recipe.to_dict(), "config": cfg.to_dict(), "train_images": n_train,
+                 "ray_init_seconds": ray_init_s, "runs": runs,
+                 "startup_seconds": {s: [r["startup_seconds"] for r in runs[s]] for s in runs}},
+    )

@@ -1,0 +1,190 @@
+"""The yardstick: a plain, single-process PyTorch training loop written by hand.
+
+Deliberately not ``trainers.loop``: uint8 images in memory, ``randperm``, batched
+crop + flip, forward / backward / SGD step, and an evaluation pass per epoch; nothing else
+(no metrics all-reduce, checkpoint or report). Only the model builder is shared with
+raysweep, so both sides train the same network from the same initial weights.
+
+``Recipe`` holds the training recipe once; ``Recipe.run_config`` turns it into the
+raysweep config that trains the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trainers.config import ModelConfig, TrainRunConfig
+from trainers.data import ImageData, Split
+from trainers.models import build_model
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Nesterov SGD with a one-cycle rate (linear up over ``warmup_epochs``, or 30% of the
+    steps if 0, then linear down to 0), label smoothing, random crop of the zero-padded
+    image and horizontal flip: the recipe of ``examples/cifar10_fast.yaml``."""
+
+    model: str = "fast_cifar"
+    batch_size: int = 512
+    lr: float = 0.2
+    momentum: float = 0.85
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.2
+    crop_padding: int = 2
+    flip: float = 0.5
+    precision: str = "fp32"  # fp32 | bf16
+    channels_last: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: TrainRunConfig, precision: str) -> "Recipe":
+        """The same recipe as a raysweep config (``precision`` resolved: fp32 or bf16).
+        Refuses what this plain loop does not implement, rather than differ silently."""
+        o, a = cfg.optim, cfg.augment
+        unsupported = {
+            "optim.name": (o.name, "momentum"), "optim.schedule": (o.schedule, "onecycle"),
+            "optim.l1": (o.l1, 0.0), "loss.name": (cfg.loss.name, "cross_entropy"),
+            "augment.rotation": (a.rotation, 0.0), "augment.shift": (a.shift, 0.0),
+            "model.dropout": (cfg.model.dropout, 0.0), "model.width": (cfg.model.width, 1),
+        }
+        bad = [f"{k}={v!r} (the plain loop does {want!r})" for k, (v, want) in unsupported.items() if v != want]
+        if bad or precision not in ("fp32", "bf16"):
+            raise ValueError(f"plain loop cannot follow: {', '.join(bad) or precision}")
+        return cls(model=cfg.model.name, batch_size=cfg.train.batch_size, lr=o.lr, momentum=o.momentum,
+                   nesterov=o.nesterov, weight_decay=o.weight_decay, warmup_epochs=o.warmup_epochs,
+                   label_smoothing=cfg.loss.label_smoothing, crop_padding=a.crop_padding, flip=a.flip,
+                   precision=precision, channels_last=cfg.train.channels_last, seed=cfg.train.seed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cifar10_fast.yaml"
+
+
+def example_config(overrides: list[str]) -> TrainRunConfig:
+    """``examples/cifar10_fast.yaml`` with ``section.key=value`` overrides."""
+    from trainers.config import load_run_config
+
+    return load_run_config(str(EXAMPLE), overrides)
+
+
+def onecycle(step: int, total: int, warmup: int) -> float:
+    warmup = warmup or max(1, int(0.3 * total))
+    return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+
+
+def amp(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def accuracy(net, prepare, fmt, split: Split, precision: str, tta: bool = False, batch_size: int = 1024) -> float:
+    """Top-1 accuracy on ``split``; ``tta`` adds the mirrored images' logits."""
+    net.eval()
+    correct = 0
+    for s in range(0, len(split), batch_size):
+        x = prepare(split.x[s:s + batch_size]).contiguous(memory_format=fmt)
+        with amp(precision):
+            logits = net(x).float()
+            if tta:
+                logits = logits + net(x.flip(3)).float()
+        correct += int((logits.argmax(1) == split.y[s:s + batch_size]).sum())
+    return correct / max(1, len(split))
+
+
+def crop_flip(x: torch.Tensor, pad: int, flip: float, gen: torch.Generator) -> torch.Tensor:
+    """airbench-style: translate by up to ``pad`` pixels (zero fill), one masked copy per
+    vertical then per horizontal offset; mirror with probability ``flip``."""
+    n, _, h, w = x.shape
+    if pad:
+        padded = F.pad(x, (pad,) * 4)
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        rows = torch.empty_like(padded[:, :, :h, :])
+        for s in range(2 * pad + 1):
+            m = dy == s
+            rows[m] = padded[m, :, s:s + h, :]
+        out = torch.empty_like(x)
+        for s in range(2 * pad + 1):
+            m = dx == s
+            out[m] = rows[m, :, :, s:s + w]
+        x = out
+    if flip > 0:
+        m = torch.rand(n, generator=gen) < flip
+        x = torch.where(m[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class Plain:
+    """One model and its optimiser; ``epoch()`` trains one pass, ``evaluate()`` scores."""
+
+    def __init__(self, data: ImageData, recipe: Recipe, epochs: int):
+        self.recipe, self.data = recipe, data
+        torch.manual_seed(recipe.seed)  # raysweep seeds the same way: the same initial weights
+        c, h, _ = data.shape
+        self.fmt = torch.channels_last if recipe.channels_last and c > 1 else torch.contiguous_format
+        self.net = build_model(ModelConfig(name=recipe.model), c, h, data.num_classes).to(memory_format=self.fmt)
+        self.mean = torch.tensor(data.mean).view(1, -1, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(data.std).view(1, -1, 1, 1) * 255)
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                   nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+        self.steps_per_epoch = math.ceil(len(data.train) / recipe.batch_size)
+        self.total = self.steps_per_epoch * epochs
+        self.warmup = int(round(recipe.warmup_epochs * self.steps_per_epoch))
+        self.step = 0
+        self.gen = torch.Generator().manual_seed(recipe.seed)
+        self.first_batch_t: float | None = None
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) * self.inv_std
+
+    def epoch(self) -> float:
+        """One training pass; returns its seconds."""
+        r, train = self.recipe, self.data.train
+        start = time.perf_counter()
+        self.net.train()
+        for idx in torch.randperm(len(train), generator=self.gen).split(r.batch_size):
+            if self.first_batch_t is None:
+                self.first_batch_t = time.time()
+            x = crop_flip(self.prepare(train.x[idx]), r.crop_padding, r.flip, self.gen).contiguous(
+                memory_format=self.fmt)
+            lr = r.lr * onecycle(self.step, self.total, self.warmup)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            with amp(r.precision):
+                logits = self.net(x)
+            loss = F.cross_entropy(logits.float(), train.y[idx], label_smoothing=r.label_smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+        return time.perf_counter() - start
+
+    def evaluate(self, split: Split, tta: bool = False) -> float:
+        return accuracy(self.net, self.prepare, self.fmt, split, self.recipe.precision, tta)
+
+
+def run(data: ImageData, recipe: Recipe, epochs: int, eval_split: Split | None = None) -> dict:
+    """Train ``epochs`` epochs, evaluating ``eval_split`` (default: validation) after each."""
+    t0 = time.time()
+    plain = Plain(data, recipe, epochs)
+    split = eval_split if eval_split is not None else data.val
+    rows = []
+    for epoch in range(1, epochs + 1):
+        train_s = plain.epoch()
+        start = time.perf_counter()
+        acc = plain.evaluate(split)
+        eval_s = time.perf_counter() - start
+        rows.append({"epoch": epoch, "train_seconds": train_s, "eval_seconds": eval_s,
+                     "epoch_seconds": train_s + eval_s, "accuracy": acc})
+    return {"epochs": rows, "startup_seconds": plain.first_batch_t - t0, "plain": plain}

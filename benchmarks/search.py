@@ -1,0 +1,145 @@
+"""search: Optuna TPE + ASHA against TPE without early stopping and random search without
+early stopping, on an equal budget of training epochs, over several seeds: the best
+validation accuracy against epochs spent, and the fraction of random search's budget each
+strategy needs to reach random search's final best. Target: TPE + ASHA <= 1/3.
+
+Every search is a real `raysweep tune` (``cluster.tune_cmd.run``), one trial at a time
+(so "epochs spent" is an exact order, and TPE sees every finished trial), each trial one
+worker with all CPUs. Random and TPE run ``trials`` trials of ``max_epochs`` epochs (the
+budget B = trials x max_epochs); TPE + ASHA (grace 1 epoch, reduction factor 3) runs more
+trials, as many as it takes to spend B, and its curve is cut at B.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import Result, local_ray, median, set_threads
+
+TARGET = 1 / 3
+STRATEGIES = {  # name -> (searcher, scheduler)
+    "tpe+asha": ("optuna", "asha"),
+    "tpe": ("optuna", "none"),
+    "random": ("random", "none"),
+}
+
+ASHA_TRIALS = 4  # x the others' trials: enough to spend the same budget (ASHA stops most early)
+
+SIZES = {
+    "full": dict(seeds=3, problems={
+        "digits": dict(space="digits_cnn", trials=12, epochs=9, data={"name": "digits"}),
+        "cifar10_subset": dict(space="cifar_fast", trials=8, epochs=6, data={"limit": 2000}),
+    }),
+    "quick": dict(seeds=3, problems={"digits": dict(space="digits_cnn", trials=8, epochs=6, data={"name": "digits"})}),
+    "smoke": dict(seeds=1, problems={
+        "digits": dict(space="digits_cnn", trials=1, epochs=2, asha_trials=2, data={"name": "digits", "limit": 200})}),
+}
+
+
+def _user(problem: dict) -> dict:
+    """What a user would --set: for CIFAR-10, where the benchmark copy lives."""
+    from benchmarks.cifar10 import data_root
+    from search_spaces.space import load_space
+
+    data = dict(problem["data"])
+    if load_space(problem["space"]).fixed.get("data.name") == "parquet":
+        data.setdefault("root", str(data_root()))
+    return {"data": data}
+
+
+def one_search(problem: dict, strategy: str, seed: int, cpus: int, storage: str, name: str) -> list[dict]:
+    """Runs one search; returns its epochs in the order they were spent: trial, epoch, value."""
+    import pyarrow.parquet as pq
+
+    from cluster import tune_cmd
+    from search_spaces.space import load_space
+    from search_spaces.tuner import SearchConfig
+    from trainers.distributed import Placement
+
+    searcher, scheduler = STRATEGIES[strategy]
+    trials = problem["trials"]
+    if scheduler == "asha":
+        trials = problem.get("asha_trials", trials * ASHA_TRIALS)
+    space = load_space(problem["space"])
+    search = SearchConfig(trials=trials, max_epochs=problem["epochs"], searcher=searcher, scheduler=scheduler,
+                          grace_period=1, reduction_factor=3, concurrent=1, seed=seed,
+                          placement=Placement(workers=1, cpus_per_worker=float(cpus))).validate()
+    tune_cmd.run(tune_cmd.TuneRequest(space, _user(problem), search, storage, name))
+    rows = pq.read_table(Path(storage) / name / "epochs.parquet").to_pylist()
+    rows.sort(key=lambda r: (r["trial_id"], r["epoch"]))  # Tune numbers trials in the order it starts them
+    return [{"trial": r["trial_id"], "epoch": r["epoch"], "value": r[space.metric]} for r in rows]
+
+
+def best_so_far(epochs: list[dict], budget: int) -> list[float]:
+    out, best = [], -math.inf
+    for row in epochs[:budget]:
+        if row["value"] is not None and math.isfinite(row["value"]):
+            best = max(best, row["value"])
+        out.append(best)
+    return out
+
+
+def epochs_to_reach(curve: list[float], value: float) -> int | None:
+    return next((i + 1 for i, v in enumerate(curve) if v >= value - 1e-12), None)
+
+
+def run(mode: str = "full") -> Result:
+    import ray
+
+    size = SIZES[mode]
+    threads = set_threads()
+    storage = tempfile.mkdtemp(prefix="raysweep-bench-search-")
+    curves: dict[str, dict[str, list[list[float]]]] = {}
+    fractions: dict[str, dict[str, list[float | None]]] = {}
+    counter = iter(range(10_000))
+    try:
+        with local_ray(threads):
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            for pname, problem in size["problems"].items():
+                budget = problem["trials"] * problem["epochs"]
+                curves[pname] = {s: [] for s in STRATEGIES}
+                fractions[pname] = {s: [] for s in STRATEGIES}
+                for seed in range(size["seeds"]):
+                    order = list(STRATEGIES)[seed % 3:] + list(STRATEGIES)[:seed % 3]
+                    got = {s: best_so_far(one_search(problem, s, seed, cpus, storage, f"{pname}-{s}-{next(counter)}"),
+                                          budget) for s in order}
+                    target = got["random"][-1]
+                    for s, curve in got.items():
+                        curves[pname][s].append(curve)
+                        reached = epochs_to_reach(curve, target)
+                        fractions[pname][s].append(None if reached is None else reached / budget)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+
+    def med_fraction(xs):  # a search that never reached the mark counts as needing more than all
+        return median([math.inf if x is None else x for x in xs])
+
+    rows = []
+    for pname, by_s in curves.items():
+        budget = size["problems"][pname]["trials"] * size["problems"][pname]["epochs"]
+        for s, cs in by_s.items():
+            third = [c[min(len(c), max(1, budget // 3)) - 1] for c in cs if c]
+            rows.append([pname, s, budget, med_fraction(fractions[pname][s]),
+                         " ".join("-" if f is None else f"{f:.2f}" for f in fractions[pname][s]),
+                         median(third), median(c[-1] for c in cs if c)])
+    head = [med_fraction(fractions[p]["tpe+asha"]) for p in fractions]
+    value = max(head) if head else None
+    return Result(
+        name="search", value=value, target=f"<= {TARGET:.3g} of random search's epochs to reach its final best",
+        met=value is not None and value <= TARGET,
+        unit="fraction of the budget TPE+ASHA needs (median over seeds; worst problem)",
+        headers=["problem", "strategy", "budget epochs", "fraction to random's best", "per seed",
+                 "best @ 1/3 budget", "best @ budget"],
+        rows=rows,
+        notes=[f"{size['seeds']} seed(s); problems: " + "; ".join(
+                   f"{p}: space {q['space']}, {q['trials']} trials x {q['epochs']} epochs (TPE+ASHA: up to "
+                   f"{q.get('asha_trials', q['trials'] * ASHA_TRIALS)} trials, cut at the budget)"
+                   for p, q in size["problems"].items()),
+               "one trial at a time, 1 worker with all CPUs; '-' = never reached random search's final best"
+               + ("; quick: digits only" if mode == "quick" else "")],
+        details={"curves": curves, "fractions": fractions, "threads": threads,
+                 "problems": size["problems"], "seeds": size["seeds"]},
+    )

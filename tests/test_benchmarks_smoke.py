@@ -1,0 +1,94 @@
+"""Every benchmark's --smoke variant runs and prints its JSON line, so the scripts cannot
+rot. Only the shape of the result is checked here: speed is measured by the real runs
+(`make bench`, README's Performance section), never by tests. No ../shared data needed:
+the cifar10 smoke variant makes a tiny Parquet set."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import BENCHMARKS, run_benchmark
+from benchmarks.common import alternate
+
+REPO = Path(__file__).resolve().parent.parent
+KEYS = {"name", "value", "target", "met", "unit", "mode", "command", "table", "details", "notes", "machine",
+        "versions", "date", "wall_seconds"}
+
+
+def check(rec: dict, name: str) -> None:
+    assert KEYS <= rec.keys(), KEYS - rec.keys()
+    assert rec["name"] == name and rec["mode"] == "smoke"
+    assert rec["met"] in (True, False, None)
+    assert rec["value"] is None or isinstance(rec["value"], (int, float))
+    assert {"cpu", "cores", "torch_cpu_capability"} <= rec["machine"].keys()
+    assert {"python", "torch", "ray"} <= rec["versions"].keys()
+    json.dumps(rec)  # one JSON object
+
+
+def test_every_benchmark_has_a_smoke_test():
+    tested = {"augment", "precision", "gpu", "overhead", "cifar10", "trial_overhead", "search"}
+    assert set(BENCHMARKS) == tested
+
+
+def test_alternate_runs_both_sides_in_abba_order_after_warmup():
+    calls = []
+    samples = alternate({"a": lambda: calls.append("a") or 1.0, "b": lambda: calls.append("b") or 2.0},
+                        reps=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert samples == {"a": [1.0, 1.0, 1.0], "b": [2.0, 2.0, 2.0]}
+
+
+@pytest.mark.parametrize("name", ["augment", "precision", "gpu"])
+def test_smoke_without_ray(name, tmp_path):
+    rec = run_benchmark(name, "smoke", out_dir=tmp_path)
+    check(rec, name)
+    assert json.loads((tmp_path / f"{name}.smoke.json").read_text())["name"] == name
+
+
+def test_gpu_benchmark_skips_cleanly_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    rec = run_benchmark("gpu", "smoke", out_dir=None)
+    assert rec["met"] is None and rec["value"] is None and "no GPU" in rec["unit"]
+
+
+def test_command_line_prints_a_table_then_the_json_line_last(tmp_path):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "gpu", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("== gpu (smoke)")
+    check(json.loads(lines[-1]), "gpu")
+    assert (tmp_path / "gpu.smoke.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def bench_ray():
+    """One local Ray (2 CPUs) for the Ray-based smoke runs, with the in-worker timing hook
+    the benchmarks install when they start Ray themselves."""
+    import ray
+
+    from benchmarks.common import local_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    with local_ray(2):
+        yield
+
+
+@pytest.mark.parametrize("name", ["overhead", "cifar10", "trial_overhead", "search"])
+def test_smoke_on_ray(name, bench_ray, tmp_path):
+    rec = run_benchmark(name, "smoke", out_dir=tmp_path)
+    check(rec, name)
+    if name in ("overhead", "cifar10"):  # timed inside the Ray worker, not from history
+        runs = rec["details"]["runs"]["raysweep"] if name == "overhead" else [rec["details"]["sides"]["raysweep"]]
+        assert all(r["startup_seconds"] is not None for r in runs)
