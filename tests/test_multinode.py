@@ -106,7 +106,7 @@ def test_a_searchs_trials_run_on_different_nodes(cluster, tmp_path):
     search = SearchConfig(trials=3, max_epochs=2, grace_period=1, concurrent=3, scheduler="none",
                           placement=placement).validate()
     before = {a.actor_id for a in list_actors(limit=10_000)}
-    req = tune_cmd.TuneRequest(load_space("digits_cnn"), load_run_config(None, []), search, str(tmp_path), "spread-search")
+    req = tune_cmd.TuneRequest(load_space("digits_cnn"), {}, search, str(tmp_path), "spread-search")
     tune_cmd.run(req)
     trials = [a for a in list_actors(limit=10_000) if a.actor_id not in before and a.class_name not in (
         TRAIN_WORKER, "TrainController", "PlacementGroupCleaner") and "Func" in a.class_name]
