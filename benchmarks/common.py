@@ -182,6 +182,51 @@ def write_result(rec: dict, out_dir: Path | None) -> Path | None:
     return path
 
 
+def proc_cpu() -> dict[int, tuple[int, float, str]]:
+    """``{pid: (parent pid, CPU seconds used so far, name)}`` for every process, from
+    ``/proc`` (empty where there is none). Two snapshots show who used the CPU in between:
+    on 2 cores a training step runs 2 threads that meet at barriers, so any other runnable
+    process stalls both of them, and its CPU seconds cost about as much wall time."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    with contextlib.suppress(OSError):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:  # gone since listdir
+                continue
+            name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            out[int(pid)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, name)
+    return out
+
+
+def cpu_between(before: dict, after: dict, root: int, exclude: set[int], top: int = 8) -> dict:
+    """CPU seconds used between two ``proc_cpu`` snapshots (keys may be str, as after JSON):
+    ``ray``: by ``root``'s descendants (an embedded Ray: GCS, raylet, dashboard, actors,
+    workers) other than ``exclude`` (the training process); ``others``: by processes
+    outside ``root``'s tree, ``root`` itself left out (other work on the machine: noise);
+    ``top``: the busiest of the ``ray`` processes, ``[name, pid, seconds]``."""
+    before = {int(k): v for k, v in before.items()}
+    after = {int(k): v for k, v in after.items()}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in after.items():
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in tree:
+                tree.add(child)
+                todo.append(child)
+    used = {pid: cpu - before[pid][1] if pid in before else cpu for pid, (_, cpu, _) in after.items()}
+    ray_pids = tree - set(exclude)
+    busiest = sorted(((after[p][2], p, round(used[p], 3)) for p in ray_pids if used[p] > 0), key=lambda r: -r[2])
+    return {"ray": sum(used[p] for p in ray_pids),
+            "others": sum(u for p, u in used.items() if p not in tree and p != root and p not in exclude),
+            "top": [list(r) for r in busiest[:top]]}
+
+
 def _port_busy(port: int) -> bool:
     import socket
 
@@ -220,7 +265,7 @@ def _free_agent_port():
 @contextlib.contextmanager
 def local_ray(num_cpus: int | None = None, timing: bool = True):
     """An embedded Ray set up as ``cluster.connect`` sets it up (loopback, dashboard on,
-    the same Train health-check beat), without forwarding workers' output (the JSON line
+    the same Train health-check beat, no preemption watcher), without forwarding workers' output (the JSON line
     must stay last), and with the in-worker timing hook (``worker_timing``) if ``timing``.
     Reuses a Ray that is already running (e.g. the tests' fixture) and then leaves it
     running; shuts down only what it started."""
@@ -234,6 +279,7 @@ def local_ray(num_cpus: int | None = None, timing: bool = True):
     runtime_env = worker_timing.runtime_env() if timing else None
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as cluster.connect
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as cluster.connect
     # Ray's worker processes inherit this environment: let them import ``benchmarks``
     # (the timing hook, benchmark-defined Tune functions) from this checkout.
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)

@@ -11,6 +11,7 @@ the plain loop's epoch is its training pass plus its evaluation pass.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ import time
 import torch
 
 from benchmarks import plain
-from benchmarks.common import Result, alternate, local_ray, median, set_threads, spread
+from benchmarks.common import Result, alternate, cpu_between, local_ray, median, proc_cpu, set_threads, spread
 from benchmarks.worker_timing import EventReader, epoch_times
 
 TARGET = 1.02
@@ -52,20 +53,49 @@ def raysweep_run(cfg, data, threads: int, storage: str, name: str) -> dict:
 
         hist = pq.read_table(os.path.join(storage, name, "history.parquet")).to_pylist()
         timing = {"epoch_seconds": [r["epoch_seconds"] for r in hist], "first_batch_t": None, "last_report_t": None,
-                  "train_seconds": [len(data.train) / r["images_per_second"] for r in hist], "threads": [], "pids": []}
+                  "train_seconds": [len(data.train) / r["images_per_second"] for r in hist], "threads": [], "pids": [],
+                  "background_cpu": []}
         source = "history.parquet epoch_seconds (no in-worker timing)"
     return {**timing, "source": source, "wall_seconds": t_end - t0,
             "startup_seconds": timing["first_batch_t"] - t0 if timing["first_batch_t"] else None,
             "teardown_seconds": t_end - timing["last_report_t"] if timing["last_report_t"] else None}
 
 
+@contextlib.contextmanager
+def _plain_epochs_watched(background: list):
+    """While it lasts, each ``plain.Plain.epoch`` appends the CPU seconds that Ray's processes
+    used during it (as ``worker_timing`` does for raysweep's epochs)."""
+    original = plain.Plain.epoch
+
+    def epoch(self):
+        before = proc_cpu()
+        out = original(self)
+        background.append(cpu_between(before, proc_cpu(), os.getpid(), {os.getpid()}))
+        return out
+
+    plain.Plain.epoch = epoch
+    try:
+        yield
+    finally:
+        plain.Plain.epoch = original
+
+
 def plain_run(data, recipe, epochs: int) -> dict:
     t0 = time.time()
-    out = plain.run(data, recipe, epochs)
+    background: list[dict] = []
+    with _plain_epochs_watched(background):
+        out = plain.run(data, recipe, epochs)
     rows = out["epochs"]
     return {"epoch_seconds": [r["epoch_seconds"] for r in rows], "train_seconds": [r["train_seconds"] for r in rows],
             "startup_seconds": out["startup_seconds"], "wall_seconds": time.time() - t0,
-            "threads": [torch.get_num_threads()]}
+            "threads": [torch.get_num_threads()], "background_cpu": background}
+
+
+def background_share(runs: list[dict], key: str) -> list[float]:
+    """Per steady epoch: ``key`` ("ray" or "others") CPU seconds per training second, in %
+    of one core."""
+    return [100 * b[key] / t for r in runs for b, t in list(zip(r.get("background_cpu") or [], r["train_seconds"]))[1:]
+            if t > 0]
 
 
 def run(mode: str = "full") -> Result:
@@ -115,8 +145,10 @@ def run(mode: str = "full") -> Result:
     for side, label in (("raysweep", "raysweep train, 1 worker"), ("plain", "plain PyTorch loop")):
         rows.append([label, median(r["startup_seconds"] for r in runs[side] if r["startup_seconds"] is not None),
                      median(ep[side]), spread(ep[side]), median(tr[side]),
-                     median(ep[side]) - median(tr[side]), n_train / median(tr[side])])
-    rows.append(["ratio raysweep / plain", None, ratio, spread(per_round), train_ratio, None, None])
+                     median(ep[side]) - median(tr[side]), n_train / median(tr[side]),
+                     median(background_share(runs[side], "ray")), median(background_share(runs[side], "others"))])
+    rows.append(["ratio raysweep / plain", None, ratio, spread(per_round), train_ratio, None, None, None, None])
+    epoch2 = next((r for r in runs["raysweep"] if len(r.get("background_cpu") or []) > 1), None)
     worker_threads = sorted({t for r in runs["raysweep"] for t in r["threads"]})
     notes = [f"{recipe.model}, {precision}, batch {recipe.batch_size}, {n_train} synthetic 3x{size['image_size']}^2 "
              f"training images, {size['epochs']} epochs x {size['rounds']} rounds (epoch 1 of each run left out), "
@@ -126,11 +158,18 @@ def run(mode: str = "full") -> Result:
              "startup: seconds from the call to the first batch (Ray already running; raysweep: Ray Train "
              f"controller + worker + process group + data; plain: model + optimiser). ray.init: "
              f"{'-' if ray_init_s is None else f'{ray_init_s:.1f} s'}",
-             "spread of the ratio row: per-round ratios"]
+             "spread of the ratio row: per-round ratios",
+             "ray %core / others %core: CPU of Ray's processes (all but the training process) / of other work on "
+             "the machine while an epoch trained, % of one core (medians). On 2 cores the 2 training threads meet at "
+             "barriers, so a core-second taken by anything else costs about a second of wall time"
+             + (f"; busiest Ray processes in raysweep's epoch 2: " + ", ".join(
+                 f"{name} {100 * cpu_s / epoch2['train_seconds'][1]:.1f}%"
+                 for name, _, cpu_s in epoch2["background_cpu"][1]["top"][:6]) if epoch2 else "")]
     return Result(
         name="overhead", value=ratio, target=f"<= {TARGET}", met=ratio <= TARGET,
         unit="x (raysweep epoch / plain epoch, medians)",
-        headers=["side", "startup s", "epoch s", "epoch spread", "train s", "rest s", "train img/s"],
+        headers=["side", "startup s", "epoch s", "epoch spread", "train s", "rest s", "train img/s", "ray %core",
+                 "others %core"],
         rows=rows, notes=notes,
         details={"ratio": ratio, "train_ratio": train_ratio, "per_round_ratio": per_round, "threads": threads,
                  "precision": precision, "recipe": recipe.to_dict(), "config": cfg.to_dict(), "train_images": n_train,

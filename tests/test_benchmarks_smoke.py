@@ -92,3 +92,16 @@ def test_smoke_on_ray(name, bench_ray, tmp_path):
     if name in ("overhead", "cifar10"):  # timed inside the Ray worker, not from history
         runs = rec["details"]["runs"]["raysweep"] if name == "overhead" else [rec["details"]["sides"]["raysweep"]]
         assert all(r["startup_seconds"] is not None for r in runs)
+
+
+def test_cpu_between_splits_a_process_tree_from_the_rest():
+    from benchmarks.common import cpu_between
+
+    before = {1: (0, 5.0, "init"), 10: (1, 1.0, "driver"), 11: (10, 2.0, "raylet"), 12: (11, 0.0, "ray::Worker"),
+              20: (1, 3.0, "other")}
+    after = {1: (0, 5.5, "init"), 10: (1, 9.0, "driver"), 11: (10, 2.5, "raylet"), 12: (11, 7.0, "ray::Worker"),
+             13: (11, 0.25, "ray::Actor"), 20: (1, 4.0, "other")}
+    out = cpu_between({str(k): list(v) for k, v in before.items()}, after, root=10, exclude={12})
+    assert out["ray"] == 0.75  # raylet 0.5 + the new actor 0.25; the training worker and the root left out
+    assert out["others"] == 1.5  # init 0.5 + other 1.0
+    assert out["top"] == [["raylet", 11, 0.5], ["ray::Actor", 13, 0.25]]
