@@ -1,5 +1,8 @@
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from trainers.augment import augment_batch, random_affine, random_crop, random_flip
 from trainers.config import AugmentConfig
@@ -61,3 +64,44 @@ def test_augmentation_is_seeded():
     x = _batch()
     cfg = AugmentConfig(rotation=10, shift=0.1, flip=0.5, crop_padding=2)
     assert torch.equal(augment_batch(x, cfg, _gen(3)), augment_batch(x, cfg, _gen(3)))
+
+
+def _reference(x, cfg, gen):
+    """The three augmentations one after another, the plain way (pad and slice each image,
+    flip, then F.affine_grid + F.grid_sample), drawing the same random numbers in order."""
+    n, _, h, w = x.shape
+    p = cfg.crop_padding
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+    padded = F.pad(x, (p,) * 4)
+    x = torch.stack([img[:, y:y + h, z:z + w] for img, y, z in zip(padded, dy.tolist(), dx.tolist())])
+    flip = torch.rand(n, generator=gen) < cfg.flip
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * cfg.rotation * math.pi / 180
+    tx = (torch.rand(n, generator=gen) * 2 - 1) * 2 * cfg.shift
+    ty = (torch.rand(n, generator=gen) * 2 - 1) * 2 * cfg.shift
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@pytest.mark.parametrize("cfg", [AugmentConfig(rotation=15, shift=0.1, flip=0.5, crop_padding=4),
+                                 AugmentConfig(rotation=60, shift=0.3, flip=0.5, crop_padding=6)])
+def test_one_fused_resample_equals_crop_flip_then_rotate(cfg):
+    """The fused resample keeps the crop's zero border: a rotation reaching past the crop
+    window reads zeros there, not the pixels the crop cut away."""
+    x = _batch(n=16, h=12, w=20)
+    fused = augment_batch(x, cfg, _gen(4))
+    assert torch.allclose(fused, _reference(x, cfg, _gen(4)), atol=1e-5)
+    g = _gen(4)
+    steps = random_affine(random_flip(random_crop(x, cfg.crop_padding, g), cfg.flip, g), cfg.rotation, cfg.shift, g)
+    assert torch.allclose(fused, steps, atol=1e-5)
+
+
+def test_crop_and_flip_alone_copy_whole_pixels_and_keep_channels_last():
+    x = _batch(n=16).contiguous(memory_format=torch.channels_last)
+    y = augment_batch(x, AugmentConfig(flip=0.5, crop_padding=3), _gen())
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    values = set(x.flatten().tolist()) | {0.0}
+    assert set(y.flatten().tolist()) <= values  # nearest-pixel copies: no value is interpolated
