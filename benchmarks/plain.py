@@ -2,8 +2,10 @@
 
 Deliberately not ``trainers.loop``: uint8 images in memory, ``randperm``, batched
 crop + flip, forward / backward / SGD step, and an evaluation pass per epoch; nothing else
-(no metrics all-reduce, checkpoint or report). Only the model builder is shared with
-raysweep, so both sides train the same network from the same initial weights.
+(no metrics all-reduce, checkpoint or report). Shared with raysweep: the model builder
+(with fast_cifar's whitening stem set from the same first training images), the optimizer's
+parameter groups and schedule, and Lookahead, so both sides train the same network from
+the same initial weights with the same updates.
 
 ``Recipe`` holds the training recipe once; ``Recipe.run_config`` turns it into the
 raysweep config that trains the same way.
@@ -27,17 +29,20 @@ from trainers.models import build_model
 
 @dataclass(frozen=True)
 class Recipe:
-    """Nesterov SGD with a one-cycle rate (linear up over ``warmup_epochs``, or 30% of the
-    steps if 0, then linear down to 0), label smoothing, random crop of the zero-padded
-    image and horizontal flip: the recipe of ``examples/cifar10_fast.yaml``."""
+    """Nesterov SGD with a triangular or one-cycle rate, a larger rate for BatchNorm shifts,
+    Lookahead, label smoothing, random crop of the zero-padded image and horizontal flip:
+    the recipe of ``examples/cifar10_fast.yaml``."""
 
     model: str = "fast_cifar"
-    batch_size: int = 512
-    lr: float = 0.2
+    batch_size: int = 1024
+    lr: float = 1.5
     momentum: float = 0.85
     nesterov: bool = True
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
+    weight_decay: float = 1.33e-3
+    schedule: str = "triangle"
+    warmup_epochs: float = 0.0
+    norm_bias_lr_scale: float = 64.0
+    lookahead_every: int = 5
     label_smoothing: float = 0.2
     crop_padding: int = 2
     flip: float = 0.5
@@ -51,16 +56,19 @@ class Recipe:
         Refuses what this plain loop does not implement, rather than differ silently."""
         o, a = cfg.optim, cfg.augment
         unsupported = {
-            "optim.name": (o.name, "momentum"), "optim.schedule": (o.schedule, "onecycle"),
+            "optim.name": (o.name, "momentum"), "optim.schedule": (o.schedule, ("onecycle", "triangle")),
             "optim.l1": (o.l1, 0.0), "loss.name": (cfg.loss.name, "cross_entropy"),
             "augment.rotation": (a.rotation, 0.0), "augment.shift": (a.shift, 0.0),
             "model.dropout": (cfg.model.dropout, 0.0), "model.width": (cfg.model.width, 1),
         }
-        bad = [f"{k}={v!r} (the plain loop does {want!r})" for k, (v, want) in unsupported.items() if v != want]
+        bad = [f"{k}={v!r} (the plain loop does {want!r})" for k, (v, want) in unsupported.items()
+               if v != want and not (isinstance(want, tuple) and v in want)]
         if bad or precision not in ("fp32", "bf16"):
             raise ValueError(f"plain loop cannot follow: {', '.join(bad) or precision}")
         return cls(model=cfg.model.name, batch_size=cfg.train.batch_size, lr=o.lr, momentum=o.momentum,
-                   nesterov=o.nesterov, weight_decay=o.weight_decay, warmup_epochs=o.warmup_epochs,
+                   nesterov=o.nesterov, weight_decay=o.weight_decay, schedule=o.schedule,
+                   warmup_epochs=o.warmup_epochs, norm_bias_lr_scale=o.norm_bias_lr_scale,
+                   lookahead_every=o.lookahead_every,
                    label_smoothing=cfg.loss.label_smoothing, crop_padding=a.crop_padding, flip=a.flip,
                    precision=precision, channels_last=cfg.train.channels_last, seed=cfg.train.seed)
 
@@ -78,26 +86,47 @@ def example_config(overrides: list[str]) -> TrainRunConfig:
     return load_run_config(str(EXAMPLE), overrides)
 
 
-def onecycle(step: int, total: int, warmup: int) -> float:
-    warmup = warmup or max(1, int(0.3 * total))
-    return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+def optim_config(recipe: Recipe):
+    from trainers.config import OptimConfig
+
+    return OptimConfig(name="momentum", lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
+                       weight_decay=recipe.weight_decay, schedule=recipe.schedule, warmup_epochs=recipe.warmup_epochs,
+                       norm_bias_lr_scale=recipe.norm_bias_lr_scale, lookahead_every=recipe.lookahead_every)
 
 
 def amp(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
+def _mirror(net, x):
+    return 0.5 * net(x).float() + 0.5 * net(x.flip(3)).float()
+
+
+def _mirror_translate(net, x):
+    """airbench's test-time augmentation: the mirrored pair, averaged with the mirrored
+    pairs of the image moved one pixel up-left and down-right (reflect padding)."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1,) * 4, mode="reflect")
+    moved = [padded[..., :h, :w], padded[..., 2:h + 2, 2:w + 2]]
+    return 0.5 * _mirror(net, x) + 0.25 * sum(_mirror(net, m.contiguous(memory_format=_fmt(x))) for m in moved)
+
+
+def _fmt(x):
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+TTA = {"none": lambda net, x: net(x).float(), "flip": _mirror, "flip_translate": _mirror_translate}
+
+
 @torch.no_grad()
-def accuracy(net, prepare, fmt, split: Split, precision: str, tta: bool = False, batch_size: int = 1024) -> float:
-    """Top-1 accuracy on ``split``; ``tta`` adds the mirrored images' logits."""
+def accuracy(net, prepare, fmt, split: Split, precision: str, tta: str = "none", batch_size: int = 1024) -> float:
+    """Top-1 accuracy on ``split`` with test-time augmentation ``tta`` (a key of ``TTA``)."""
     net.eval()
     correct = 0
     for s in range(0, len(split), batch_size):
         x = prepare(split.x[s:s + batch_size]).contiguous(memory_format=fmt)
         with amp(precision):
-            logits = net(x).float()
-            if tta:
-                logits = logits + net(x.flip(3)).float()
+            logits = TTA[tta](net, x)
         correct += int((logits.argmax(1) == split.y[s:s + batch_size]).sum())
     return correct / max(1, len(split))
 
@@ -130,18 +159,23 @@ class Plain:
 
     def __init__(self, data: ImageData, recipe: Recipe, epochs: int):
         self.recipe, self.data = recipe, data
+        from trainers.loop import WHITENING_IMAGES
+        from trainers.optim import Lookahead, build_optimizer
+
         torch.manual_seed(recipe.seed)  # raysweep seeds the same way: the same initial weights
         c, h, _ = data.shape
         self.fmt = torch.channels_last if recipe.channels_last and c > 1 else torch.contiguous_format
-        self.net = build_model(ModelConfig(name=recipe.model), c, h, data.num_classes).to(memory_format=self.fmt)
         self.mean = torch.tensor(data.mean).view(1, -1, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(data.std).view(1, -1, 1, 1) * 255)
-        self.opt = torch.optim.SGD(self.net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                   nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
-        self.steps_per_epoch = math.ceil(len(data.train) / recipe.batch_size)
-        self.total = self.steps_per_epoch * epochs
-        self.warmup = int(round(recipe.warmup_epochs * self.steps_per_epoch))
-        self.step = 0
+        net = build_model(ModelConfig(name=recipe.model), c, h, data.num_classes)
+        if hasattr(net, "init_from_data"):
+            net.init_from_data(self.prepare(data.train.x[:WHITENING_IMAGES]))
+        self.net = net.to(memory_format=self.fmt)
+        steps_per_epoch = math.ceil(len(data.train) / recipe.batch_size)
+        self.opt, self.schedule = build_optimizer(self.net, optim_config(recipe), steps_per_epoch, epochs)
+        self.lookahead = (Lookahead(self.net, recipe.lookahead_every, steps_per_epoch * epochs)
+                          if recipe.lookahead_every else None)
+        self.epochs_left = epochs
         self.gen = torch.Generator().manual_seed(recipe.seed)
         self.first_batch_t: float | None = None
 
@@ -158,29 +192,33 @@ class Plain:
                 self.first_batch_t = time.time()
             x = crop_flip(self.prepare(train.x[idx]), r.crop_padding, r.flip, self.gen).contiguous(
                 memory_format=self.fmt)
-            lr = r.lr * onecycle(self.step, self.total, self.warmup)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
             with amp(r.precision):
                 logits = self.net(x)
             loss = F.cross_entropy(logits.float(), train.y[idx], label_smoothing=r.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-            self.step += 1
+            self.schedule.step()
+            if self.lookahead is not None:
+                self.lookahead.after_step()
+        self.epochs_left -= 1
+        if self.lookahead is not None and self.epochs_left == 0:
+            self.lookahead.finish()
         return time.perf_counter() - start
 
-    def evaluate(self, split: Split, tta: bool = False) -> float:
+    def evaluate(self, split: Split, tta: str = "none") -> float:
         return accuracy(self.net, self.prepare, self.fmt, split, self.recipe.precision, tta)
 
 
-def run(data: ImageData, recipe: Recipe, epochs: int, eval_split: Split | None = None) -> dict:
-    """Train ``epochs`` epochs, evaluating ``eval_split`` (default: validation) after each."""
+def run(data: ImageData, recipe: Recipe, epochs: int, eval_split: Split | None = None,
+        stop_after: int | None = None) -> dict:
+    """Train ``epochs`` epochs (or stop after ``stop_after`` of them, schedule unchanged),
+    evaluating ``eval_split`` (default: validation) after each."""
     t0 = time.time()
     plain = Plain(data, recipe, epochs)
     split = eval_split if eval_split is not None else data.val
     rows = []
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, (stop_after or epochs) + 1):
         train_s = plain.epoch()
         start = time.perf_counter()
         acc = plain.evaluate(split)

@@ -104,7 +104,10 @@ class OptimConfig:
 
     ``weight_decay`` is L2 (decoupled for ``adamw``); ``l1`` adds ``l1 * sum(|w|)`` to
     the loss. ``momentum``/``nesterov`` apply to ``momentum``. ``warmup_epochs`` ramps the
-    rate up linearly; ``onecycle`` with no warm-up rises over the first 30% of training.
+    rate up linearly; ``onecycle`` with no warm-up rises over the first 30% of training,
+    ``triangle`` (airbench's) over 23%. ``norm_bias_lr_scale`` multiplies the rate of
+    normalisation-layer biases (and divides their weight decay); ``lookahead_every`` > 0
+    averages the weights into a slow copy every that many steps (see ``optim.Lookahead``).
     """
 
     name: str = "adam"
@@ -115,11 +118,15 @@ class OptimConfig:
     nesterov: bool = False
     schedule: str = "constant"
     warmup_epochs: float = 0.0
+    norm_bias_lr_scale: float = 1.0
+    lookahead_every: int = 0
 
     def problems(self) -> list[str]:
         return _drop_none(
             [
                 choice_problem("name", self.name, _known("optimizer"), "optimizer"),
+                range_problem("norm_bias_lr_scale", self.norm_bias_lr_scale, 0.0, 1000.0, low_open=True),
+                range_problem("lookahead_every", self.lookahead_every, 0, 1000),
                 choice_problem("schedule", self.schedule, _known("schedule"), "schedule"),
                 range_problem("lr", self.lr, 0.0, 100.0, low_open=True),
                 range_problem("weight_decay", self.weight_decay, 0.0, 1.0),

@@ -24,7 +24,7 @@ from trainers.data import ImageData, Split
 from trainers.losses import compute_loss, l1_penalty
 from trainers.metrics import all_reduce_min, all_reduce_sum, confusion_matrix, scores_from_confusion
 from trainers.models import build_model
-from trainers.optim import build_optimizer
+from trainers.optim import Lookahead, build_optimizer
 
 STOP_EARLY, STOP_DIVERGED = "early_stopped", "diverged"
 NEVER = 2**62  # "no bad step" in a min-reduction
@@ -113,7 +113,8 @@ class Model:
 
 
 def train_one_epoch(model: Model, shard: Split, cfg: TrainRunConfig, optimizer, scheduler, local_batch: int,
-                    gen: torch.Generator, precision: str, scaler=None) -> EpochStats:
+                    gen: torch.Generator, precision: str, scaler=None, lookahead: Lookahead | None = None
+                    ) -> EpochStats:
     """One pass over this rank's shard: shuffle, augment, forward, loss + L1, step."""
     device = shard.x.device
     start = time.perf_counter()
@@ -138,6 +139,8 @@ def train_one_epoch(model: Model, shard: Split, cfg: TrainRunConfig, optimizer, 
             loss.backward()
             optimizer.step()
         scheduler.step()
+        if lookahead is not None:
+            lookahead.after_step()
         # Track divergence on the device: a host sync per step would stall GPUs.
         bad = ~torch.isfinite(loss.detach())
         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
@@ -199,11 +202,19 @@ class EarlyStopper:
         return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
 
 
+WHITENING_IMAGES = 5000  # enough for a stable 2x2-patch covariance (airbench's figure)
+
+
 def build_worker_model(cfg: TrainRunConfig, data: ImageData, device: torch.device) -> Model:
+    """The network on ``device``; one that learns a first layer from the data (fast_cifar's
+    whitening stem) sees the first training images, the same on every rank."""
     channels, height, _ = data.shape
     net = build_model(cfg.model, channels, height, data.num_classes)
+    normalize = Normalizer(data.mean, data.std)
+    if hasattr(net, "init_from_data"):
+        net.init_from_data(normalize(data.train.x[:WHITENING_IMAGES]))
     fmt = torch.channels_last if cfg.train.channels_last and channels > 1 else torch.contiguous_format
-    return Model(net.to(device, memory_format=fmt), Normalizer(data.mean, data.std).to(device), fmt)
+    return Model(net.to(device, memory_format=fmt), normalize.to(device), fmt)
 
 
 def checkpoint_meta(cfg: TrainRunConfig, data: ImageData) -> dict:
@@ -225,14 +236,19 @@ def fit(cfg: TrainRunConfig, data: ImageData, ctx: WorkerContext, reporter: Repo
     local_batch = max(1, cfg.train.batch_size // world)
     steps = math.ceil(len(train) / local_batch)
     optimizer, scheduler = build_optimizer(model.net, cfg.optim, steps, cfg.train.epochs)
+    plain_net = getattr(model.net, "module", model.net)  # without DDP's wrapper
+    every = cfg.optim.lookahead_every
+    lookahead = Lookahead(plain_net, every, steps * cfg.train.epochs) if every else None
     precision = resolve_precision(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     es = cfg.train.early_stopping
     stopper = EarlyStopper(es.metric, es.mode, es.patience, es.min_delta)
     first_epoch = 1
     if (state := reporter.restore()) is not None:
-        getattr(model.net, "module", model.net).load_state_dict(state["model"])
+        plain_net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if lookahead is not None and "lookahead" in state:
+            lookahead.load_state_dict(state["lookahead"])
         scheduler.load_state_dict(state["scheduler"])
         stopper = EarlyStopper(es.metric, es.mode, es.patience, es.min_delta, **state["early_stopping"])
         first_epoch = state["epoch"] + 1
@@ -241,7 +257,10 @@ def fit(cfg: TrainRunConfig, data: ImageData, ctx: WorkerContext, reporter: Repo
     for epoch in range(first_epoch, cfg.train.epochs + 1):
         gen = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + epoch * 1009 + ctx.rank)
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(model, train, cfg, optimizer, scheduler, local_batch, gen, precision, scaler)
+        stats = train_one_epoch(model, train, cfg, optimizer, scheduler, local_batch, gen, precision, scaler,
+                                lookahead)
+        if lookahead is not None and epoch == cfg.train.epochs:
+            lookahead.finish()  # the last epoch ends on the slow weights
         eval_start = time.perf_counter()
         val_metrics = reduce_validation(*evaluate(model, val, cfg, data.num_classes, precision), prefix="val")
         sums = all_reduce_sum(torch.stack([stats.loss_sum, stats.correct, stats.count.double()]))
@@ -272,9 +291,11 @@ def fit(cfg: TrainRunConfig, data: ImageData, ctx: WorkerContext, reporter: Repo
         due = last or is_best or epoch % cfg.train.checkpoint_every == 0
         state = None
         if due and ctx.rank == 0:
-            state = {"model": getattr(model.net, "module", model.net).state_dict(),
+            state = {"model": plain_net.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "early_stopping": stopper.state(), "epoch": epoch, "meta": meta}
+            if lookahead is not None:
+                state["lookahead"] = lookahead.state_dict()
         reporter.report(metrics, state)
         if stopper.should_stop:
             break

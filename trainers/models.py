@@ -113,31 +113,66 @@ def resnet50(cfg: ModelConfig, channels: int, image_size: int, num_classes: int)
     return nn.Sequential(_Resize(cfg.input_size or image_size, channels), net)
 
 
-def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+class _BatchNorm(nn.BatchNorm2d):
+    """airbench's BatchNorm: a fixed unit scale (only the shift learns) and fast-moving
+    running statistics (momentum 0.4 in PyTorch's convention), eps tiny."""
+
+    def __init__(self, width: int):
+        super().__init__(width, eps=1e-12, momentum=0.4)
+        self.weight.requires_grad_(False)
+
+
+class _Conv(nn.Conv2d):
+    """3x3 'same' conv whose first ``in_channels`` filters start as the identity (Dirac)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(c_in, c_out, 3, padding=1, bias=False)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        nn.init.dirac_(self.weight.data[: self.in_channels])
+
+
+def _conv_group(c_in: int, c_out: int) -> list[nn.Module]:
+    return [_Conv(c_in, c_out), nn.MaxPool2d(2), _BatchNorm(c_out), nn.GELU(),
+            _Conv(c_out, c_out), _BatchNorm(c_out), nn.GELU()]
 
 
 class FastCifarNet(nn.Module):
-    """In the spirit of airbench (the CIFAR-10 speed records): a 2x2 patch conv stem, three
-    blocks of conv-pool-bn-gelu-conv-bn-gelu at widths 64/256/256, global max pool, and a
-    bias-free linear head scaled down so early logits stay small."""
+    """airbench94's network (the CIFAR-10 speed records, Jordan 2024): a frozen 2x2
+    patch-whitening stem (``init_from_data``), three conv groups at widths 64/256/256,
+    global max pool and a bias-free linear head scaled by 1/9."""
 
     def __init__(self, channels: int, num_classes: int, widths=(64, 256, 256), dropout=0.0):
         super().__init__()
-        stem = 2 * channels * 4
-        self.stem = nn.Sequential(nn.Conv2d(channels, stem, 2, padding=0, bias=True), nn.GELU())
-        blocks, c_in = [], stem
+        stem = 2 * channels * 4  # +/- each eigenvector of the 2x2 patch covariance
+        self.whiten = nn.Conv2d(channels, stem, 2, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        blocks, c_in = [nn.GELU()], stem
         for w in widths:
-            blocks += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(w), nn.GELU()]
-            blocks += _conv_bn(w, w)
+            blocks += _conv_group(c_in, w)
             c_in = w
         self.blocks = nn.Sequential(*blocks)
         self.dropout = nn.Dropout(dropout)
+        # airbench scales this head's weights to unit std; with a mean loss that made early
+        # logits too large here (test accuracy 0.25 vs 0.44 after 48 steps on 4096 images).
         self.head = nn.Linear(c_in, num_classes, bias=False)
         self.scale = 1 / 9
 
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the stem to whiten 2x2 patches of ``x`` (normalised training images, N C H W):
+        the patch covariance's eigenvectors scaled by 1/sqrt(eigenvalue), with their negatives."""
+        c, (h, w) = x.shape[1], self.whiten.kernel_size
+        patches = x.float().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+        eigenvalues, eigenvectors = eigenvalues.flip(0).float(), eigenvectors.T.flip(0).float()
+        filters = (eigenvectors / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]).reshape(-1, c, h, w)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]))
+
     def forward(self, x):
-        x = self.blocks(self.stem(x))
+        x = self.blocks(self.whiten(x))
         x = torch.amax(x, dim=(2, 3))
         return self.head(self.dropout(x)) * self.scale
 
