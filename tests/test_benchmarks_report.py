@@ -1,0 +1,23 @@
+"""The README's Performance tables come from the results files, not from typing."""
+
+import json
+
+from benchmarks import report
+
+
+def test_report_renders_each_result_file_and_rewrites_only_the_marked_block(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    results.mkdir()
+    rec = {"name": "augment", "value": 16.5, "unit": "x", "target": ">= 20", "met": False, "date": "2026-11-29T03:36:33",
+           "command": "python -m benchmarks augment", "machine": {"cpu": "cpu", "cores": 2},
+           "table": {"headers": ["side", "images/s"], "rows": [["batched", 56420.0]]}, "notes": ["a note"]}
+    (results / "augment.json").write_text(json.dumps(rec))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{report.START}\nold figures\n{report.END}\nafter\n")
+    monkeypatch.setattr(report, "RESULTS_DIR", results)
+    monkeypatch.setattr(report, "REPO", tmp_path)
+    report.write_readme()
+    text = readme.read_text()
+    assert "old figures" not in text and text.startswith("before\n") and text.endswith("after\n")
+    assert "| augment | 16.5 | x | >= 20 | False | 2026-11-29T03:36 |" in text
+    assert "| batched | 5.64e+04 |" in text and "- a note" in text and "No full run on record yet: precision" in text
