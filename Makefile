@@ -14,4 +14,4 @@ test: install
 	$(PYTHON) -m pytest -q tests
 
 bench: install
-	$(PYTHON) -m benchmarks all
+	$(PYTHON) -m benchmarks all; $(PYTHON) -m benchmarks.report --readme
