@@ -108,11 +108,7 @@ def _mirror_translate(net, x):
     h, w = x.shape[-2:]
     padded = F.pad(x, (1,) * 4, mode="reflect")
     moved = [padded[..., :h, :w], padded[..., 2:h + 2, 2:w + 2]]
-    return 0.5 * _mirror(net, x) + 0.25 * sum(_mirror(net, m.contiguous(memory_format=_fmt(x))) for m in moved)
-
-
-def _fmt(x):
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return 0.5 * _mirror(net, x) + 0.25 * sum(_mirror(net, m) for m in moved)  # slices keep x's layout
 
 
 TTA = {"none": lambda net, x: net(x).float(), "flip": _mirror, "flip_translate": _mirror_translate}
