@@ -275,10 +275,10 @@ def local_ray(num_cpus: int | None = None, timing: bool = True):
         yield False
         return
     from benchmarks import worker_timing
+    from cluster.connect import pin_dashboard_address
 
     runtime_env = worker_timing.runtime_env() if timing else None
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as cluster.connect
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as cluster.connect
     # Ray's worker processes inherit this environment: let them import ``benchmarks``
     # (the timing hook, benchmark-defined Tune functions) from this checkout.
@@ -289,7 +289,8 @@ def local_ray(num_cpus: int | None = None, timing: bool = True):
         try:
             with _free_agent_port():
                 ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                         logging_level=logging.WARNING, log_to_driver=False, runtime_env=runtime_env)
+                         dashboard_port=pin_dashboard_address(), logging_level=logging.WARNING, log_to_driver=False,
+                         runtime_env=runtime_env)
             break
         except Exception as e:  # Ray raises a bare Exception for this timeout
             ray.shutdown()

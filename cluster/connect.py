@@ -45,6 +45,27 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pin_dashboard_address() -> int:
+    """A free dashboard port for an embedded Ray about to start, exported (before the start,
+    so that every Ray process inherits it) as ``RAY_API_SERVER_ADDRESS``.
+
+    Ray Train's PlacementGroupCleaner asks the state API whether a run's controller is
+    alive, and with no address that API guesses the cluster: the last ``ray start`` one, or
+    any GCS process on the machine. With a second Ray on the machine (another search, a
+    ``ray start`` head) it asked the wrong one or raised "Found multiple active Ray
+    instances", so the placement group of a 2-worker trial that ASHA stopped was never
+    removed and the search waited forever on its CPUs (seen here twice)."""
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return port
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Start or join Ray once per process."""
     if ray.is_initialized():
@@ -54,13 +75,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         _check_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING)
         return
-    # Processes of an embedded Ray inherit this environment (and Ray Train hands these two
-    # variables on to its controller). Ray Train's controller collects reports on this beat
-    # (2 s by default): a worker's next report waits for the last one to be collected, so
-    # epochs shorter than the beat would wait on it. Measured on 2 cores: 0.5 s instead of
-    # 2 s costs the controller and worker a few tenths of a percent of one core, within noise.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # Ray Train starts one more actor per run to watch for node drain (cloud preemption),
+    # Processes of an embedded Ray inherit this environment (and Ray Train hands this
+    # variable on to its controller; our per-fit settings are trainers.distributed's
+    # RAY_TRAIN_ENV). Ray Train starts one more actor per run to watch for node drain (cloud preemption),
     # which never happens to an embedded single-machine Ray. Like every Python Ray worker it
     # wakes about 150 times a second (Ray's 10 ms signal check) and used about 1% of a core
     # while training, which a 2-thread training step on 2 cores pays for in wall time.
@@ -70,6 +87,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         num_gpus=num_gpus,
         include_dashboard=True,  # Ray Train's cleanup of stopped trials needs the state API
         dashboard_host="127.0.0.1",
+        dashboard_port=pin_dashboard_address(),
         logging_level=logging.WARNING,
     )
     secure_token_file()  # Ray writes a new token file with the umask's mode (0644 here)

@@ -8,7 +8,6 @@ import os
 # Keep every Ray process on 127.0.0.1 (Ray otherwise swaps in the machine's address).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as cluster.connect sets it
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -24,7 +23,10 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    from cluster.connect import pin_dashboard_address
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=pin_dashboard_address(),
+             logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 

@@ -9,18 +9,36 @@ import ray
 from cluster import connect as connect_mod
 
 
-def test_embedded_ray_gets_the_train_settings_before_it_starts(monkeypatch):
+def test_embedded_ray_gets_its_settings_before_it_starts(monkeypatch):
     seen = {}
+    keys = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_API_SERVER_ADDRESS")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(
-        {k: os.environ.get(k) for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}))
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update({k: os.environ.get(k) for k in keys}, port=kw["dashboard_port"]))
     monkeypatch.setattr(connect_mod, "secure_token_file", lambda: None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # recorded, so restored after the test
-    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # a user's (or a test's) own value wins
+    for key in keys:
+        monkeypatch.setenv(key, "x")  # recorded, so restored after the test
+        monkeypatch.delenv(key)
     connect_mod.connect()
-    assert seen == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    assert seen["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    # Every Ray process (Ray Train's placement-group cleaner among them) finds this
+    # cluster's state API, not another Ray's on the same machine.
+    assert seen["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{seen['port']}"
+
+
+def test_ray_train_settings_apply_around_our_fits_only(monkeypatch):
+    from trainers.distributed import RAY_TRAIN_ENV, ray_train_env
+
+    key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    monkeypatch.setenv(key, "x")  # recorded, so restored after the test
+    monkeypatch.delenv(key)
+    with ray_train_env():
+        assert os.environ[key] == RAY_TRAIN_ENV[key]
+    assert key not in os.environ  # a Tune trial's own TorchTrainer keeps Ray's default
+    monkeypatch.setenv(key, "0.7")  # a user's own value wins
+    with ray_train_env():
+        assert os.environ[key] == "0.7"
+    assert os.environ[key] == "0.7"
 
 
 def test_a_running_cluster_keeps_its_own_train_settings(monkeypatch):

@@ -88,7 +88,8 @@ class Normalizer(nn.Module):
         self.register_buffer("inv_std", 1 / (torch.tensor(std).view(1, -1, 1, 1) * 255))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) * self.inv_std
+        # One fused multiply-add over the batch instead of a subtract then a multiply.
+        return torch.addcmul(-self.mean * self.inv_std, x.float(), self.inv_std)
 
 
 @dataclass
