@@ -301,6 +301,7 @@ def local_ray(num_cpus: int | None = None, timing: bool = True):
         yield True
     finally:
         ray.shutdown()
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # it names this Ray's dashboard, now gone
         if timing and (path := os.environ.pop(worker_timing.ENV, None)):
             Path(path).unlink(missing_ok=True)
 

@@ -29,6 +29,7 @@ def ray_local():
              logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # it names this Ray's dashboard, now gone
 
 
 @pytest.fixture

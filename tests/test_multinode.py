@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -23,18 +22,13 @@ import ray
 from ray.util.state import list_actors
 
 from cluster import train_cmd
+from cluster.connect import free_port
 from cluster.store import ResultsStore
 from trainers.config import load_run_config
 from trainers.distributed import Placement
 
 TRAIN_WORKER = "RayTrainWorker"
 CPUS_PER_NODE = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +48,12 @@ def cluster():
     gcs_port = free_port()
     env.setenv("RAY_ADDRESS", f"127.0.0.1:{gcs_port}")
     env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    dashboard_port = free_port()
+    env.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{dashboard_port}")  # what the state API asks first
     started = time.monotonic()
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": CPUS_PER_NODE, "gcs_server_port": gcs_port, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()})
+        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port, "dashboard_agent_listen_port": free_port()})
     try:
         workers = [c.add_node(num_cpus=CPUS_PER_NODE) for _ in range(2)]
         c.wait_for_nodes()
