@@ -275,7 +275,7 @@ def local_ray(num_cpus: int | None = None, timing: bool = True):
         yield False
         return
     from benchmarks import worker_timing
-    from cluster.connect import pin_dashboard_address
+    from cluster.connect import forget_dashboard_address, pin_dashboard_address
 
     runtime_env = worker_timing.runtime_env() if timing else None
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -301,7 +301,7 @@ def local_ray(num_cpus: int | None = None, timing: bool = True):
         yield True
     finally:
         ray.shutdown()
-        os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # it names this Ray's dashboard, now gone
+        forget_dashboard_address()
         if timing and (path := os.environ.pop(worker_timing.ENV, None)):
             Path(path).unlink(missing_ok=True)
 

@@ -66,6 +66,11 @@ def pin_dashboard_address() -> int:
     return port
 
 
+def forget_dashboard_address() -> None:
+    """After the embedded Ray shuts down: the address names a dashboard that is gone."""
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Start or join Ray once per process."""
     if ray.is_initialized():
@@ -77,8 +82,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         return
     # Processes of an embedded Ray inherit this environment (and Ray Train hands this
     # variable on to its controller; our per-fit settings are trainers.distributed's
-    # RAY_TRAIN_ENV). Ray Train starts one more actor per run to watch for node drain (cloud preemption),
-    # which never happens to an embedded single-machine Ray. Like every Python Ray worker it
+    # RAY_TRAIN_ENV). Ray Train starts one more actor per run to watch for node drain
+    # (cloud preemption), which never happens to an embedded single-machine Ray. Like every Python Ray worker it
     # wakes about 150 times a second (Ray's 10 ms signal check) and used about 1% of a core
     # while training, which a 2-thread training step on 2 cores pays for in wall time.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")

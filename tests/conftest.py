@@ -23,13 +23,13 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    from cluster.connect import pin_dashboard_address
+    from cluster.connect import forget_dashboard_address, pin_dashboard_address
 
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=pin_dashboard_address(),
              logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
-    os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # it names this Ray's dashboard, now gone
+    forget_dashboard_address()
 
 
 @pytest.fixture
