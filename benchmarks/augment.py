@@ -5,7 +5,9 @@ Both sides do the same work on the same uint8 CIFAR-shaped images: random crop o
 zero-padded image, horizontal flip, rotation and shift (one bilinear resample), scaling
 to float and per-channel standardising, ending with a float batch. The DataLoader runs
 with 0 worker processes and with as many as there are cores (persistent, so their
-start-up is not counted); the ratio is taken against the faster of the two.
+start-up is not counted); the ratio is taken against the faster of the two. The process
+runs with raysweep's malloc setting (``trainers.memory.keep_freed_memory``, as raysweep's
+workers do), which the DataLoader's worker processes inherit: both sides have it.
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ def run(mode: str = "full") -> Result:
     from trainers.augment import augment_batch
     from trainers.config import AugmentConfig
     from trainers.loop import Normalizer
+    from trainers.memory import keep_freed_memory
 
     size = SIZES[mode]
     threads = set_threads()
+    keep_freed_memory()
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (size["images"], 3, 32, 32), dtype=torch.uint8, generator=gen)
     y = torch.randint(0, 10, (size["images"],), generator=gen)
@@ -105,7 +109,7 @@ def run(mode: str = "full") -> Result:
         headers=["side", "images/s", "s per pass", "spread s", f"x {best_loader}"], rows=rows,
         notes=[f"{size['images']} uint8 3x32x32 images, batch {bs}: crop (pad {PAD}), flip p={FLIP}, rotation "
                f"+-{ROTATION:g} deg and shift +-{SHIFT:g} (bilinear), to float, standardise; {threads} torch "
-               f"threads; 1 warm-up pass then {size['reps']} alternating passes per side, medians"],
+               f"threads; raysweep's malloc setting on both sides; 1 warm-up pass then {size['reps']} alternating passes per side, medians"],
         details={"images_per_second": ips, "seconds": samples, "ratio": ratio, "against": best_loader,
                  "threads": threads, "images": size["images"], "batch": bs,
                  "seconds_total": time.perf_counter() - t0},

@@ -13,23 +13,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import tempfile
 import time
 
 import torch
 
-from benchmarks import plain
+from benchmarks import allocator, plain
 from benchmarks.common import Result, alternate, cpu_between, local_ray, median, proc_cpu, set_threads, spread
 from benchmarks.worker_timing import EventReader, epoch_times
 
 TARGET = 1.02
 
 SIZES = {  # the recipe of examples/cifar10_fast.yaml on synthetic CIFAR-shaped data
-    "full": dict(num_samples=6000, image_size=32, epochs=5, rounds=3, overrides=[]),
-    "quick": dict(num_samples=3000, image_size=32, epochs=3, rounds=2, overrides=[]),
+    "full": dict(num_samples=6000, image_size=32, epochs=5, rounds=3, overrides=[], allocator=(3, 2)),
+    "quick": dict(num_samples=3000, image_size=32, epochs=3, rounds=2, overrides=[], allocator=(2, 1)),
     "smoke": dict(num_samples=300, image_size=16, epochs=2, rounds=1,
-                  overrides=["model.name=simple_cnn", "train.batch_size=64"]),
+                  overrides=["model.name=simple_cnn", "train.batch_size=64"], allocator=(2, 1)),
 }
 
 
@@ -54,7 +55,7 @@ def raysweep_run(cfg, data, threads: int, storage: str, name: str) -> dict:
         hist = pq.read_table(os.path.join(storage, name, "history.parquet")).to_pylist()
         timing = {"epoch_seconds": [r["epoch_seconds"] for r in hist], "first_batch_t": None, "last_report_t": None,
                   "train_seconds": [len(data.train) / r["images_per_second"] for r in hist], "threads": [], "pids": [],
-                  "background_cpu": []}
+                  "background_cpu": [], "page_faults": []}
         source = "history.parquet epoch_seconds (no in-worker timing)"
     return {**timing, "source": source, "wall_seconds": t_end - t0,
             "startup_seconds": timing["first_batch_t"] - t0 if timing["first_batch_t"] else None,
@@ -62,15 +63,17 @@ def raysweep_run(cfg, data, threads: int, storage: str, name: str) -> dict:
 
 
 @contextlib.contextmanager
-def _plain_epochs_watched(background: list):
+def _plain_epochs_watched(background: list, page_faults: list):
     """While it lasts, each ``plain.Plain.epoch`` appends the CPU seconds that Ray's processes
-    used during it (as ``worker_timing`` does for raysweep's epochs)."""
+    used during it and this process's minor page faults (as ``worker_timing`` does for
+    raysweep's epochs)."""
     original = plain.Plain.epoch
 
     def epoch(self):
-        before = proc_cpu()
+        before, faults = proc_cpu(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         out = original(self)
         background.append(cpu_between(before, proc_cpu(), os.getpid(), {os.getpid()}))
+        page_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
         return out
 
     plain.Plain.epoch = epoch
@@ -83,12 +86,19 @@ def _plain_epochs_watched(background: list):
 def plain_run(data, recipe, epochs: int) -> dict:
     t0 = time.time()
     background: list[dict] = []
-    with _plain_epochs_watched(background):
+    page_faults: list[int] = []
+    with _plain_epochs_watched(background, page_faults):
         out = plain.run(data, recipe, epochs)
     rows = out["epochs"]
     return {"epoch_seconds": [r["epoch_seconds"] for r in rows], "train_seconds": [r["train_seconds"] for r in rows],
             "startup_seconds": out["startup_seconds"], "wall_seconds": time.time() - t0,
-            "threads": [torch.get_num_threads()], "background_cpu": background}
+            "threads": [torch.get_num_threads()], "background_cpu": background,
+            "page_faults": page_faults}
+
+
+def faults_per_epoch(runs: list[dict]) -> float:
+    """Median minor page faults of the training process per steady epoch, in thousands."""
+    return median(f / 1000 for r in runs for f in (r.get("page_faults") or [])[1:])
 
 
 def background_share(runs: list[dict], key: str) -> list[float]:
@@ -130,6 +140,8 @@ def run(mode: str = "full") -> Result:
             alternate({"raysweep": side_raysweep, "plain": side_plain}, reps=size["rounds"], warmup=0)
     finally:
         shutil.rmtree(storage, ignore_errors=True)
+    steps, rounds = size["allocator"]
+    alloc = allocator.compare(recipe.model, recipe.batch_size, size["image_size"], steps, rounds)
 
     def steady(side, key):  # every run's epochs after the first
         return [s for r in runs[side] for s in r[key][1:]]
@@ -146,8 +158,9 @@ def run(mode: str = "full") -> Result:
         rows.append([label, median(r["startup_seconds"] for r in runs[side] if r["startup_seconds"] is not None),
                      median(ep[side]), spread(ep[side]), median(tr[side]),
                      median(ep[side]) - median(tr[side]), n_train / median(tr[side]),
-                     median(background_share(runs[side], "ray")), median(background_share(runs[side], "others"))])
-    rows.append(["ratio raysweep / plain", None, ratio, spread(per_round), train_ratio, None, None, None, None])
+                     faults_per_epoch(runs[side]), median(background_share(runs[side], "ray")),
+                     median(background_share(runs[side], "others"))])
+    rows.append(["ratio raysweep / plain", None, ratio, spread(per_round), train_ratio, None, None, None, None, None])
     epoch2 = next((r for r in runs["raysweep"] if len(r.get("background_cpu") or []) > 1), None)
     worker_threads = sorted({t for r in runs["raysweep"] for t in r["threads"]})
     notes = [f"{recipe.model}, {precision}, batch {recipe.batch_size}, {n_train} synthetic 3x{size['image_size']}^2 "
@@ -159,6 +172,12 @@ def run(mode: str = "full") -> Result:
              f"controller + worker + process group + data; plain: model + optimiser). ray.init: "
              f"{'-' if ray_init_s is None else f'{ray_init_s:.1f} s'}",
              "spread of the ratio row: per-round ratios",
+             f"malloc: both sides run with trainers.memory.keep_freed_memory (raysweep's fit sets it; the plain "
+             f"loop here too, so the ratio is Ray's cost alone). What it is worth, fresh processes alternating, "
+             f"{alloc['model']} batch {alloc['batch']}: training step {alloc['step_seconds']['default']:.3g} s "
+             f"with glibc's default malloc ({alloc['faults_per_step']['default'] / 1000:.0f}k minor page faults "
+             f"per step) vs {alloc['step_seconds']['keep']:.3g} s with it "
+             f"({alloc['faults_per_step']['keep'] / 1000:.0f}k): {alloc['speedup']:.3f}x faster",
              "ray %core / others %core: CPU of Ray's processes (all but the training process) / of other work on "
              "the machine while an epoch trained, % of one core (medians). On 2 cores the 2 training threads meet at "
              "barriers, so a core-second taken by anything else costs about a second of wall time"
@@ -168,11 +187,11 @@ def run(mode: str = "full") -> Result:
     return Result(
         name="overhead", value=ratio, target=f"<= {TARGET}", met=ratio <= TARGET,
         unit="x (raysweep epoch / plain epoch, medians)",
-        headers=["side", "startup s", "epoch s", "epoch spread", "train s", "rest s", "train img/s", "ray %core",
+        headers=["side", "startup s", "epoch s", "epoch spread", "train s", "rest s", "train img/s", "faults k/epoch", "ray %core",
                  "others %core"],
         rows=rows, notes=notes,
         details={"ratio": ratio, "train_ratio": train_ratio, "per_round_ratio": per_round, "threads": threads,
                  "precision": precision, "recipe": recipe.to_dict(), "config": cfg.to_dict(), "train_images": n_train,
-                 "ray_init_seconds": ray_init_s, "runs": runs,
+                 "ray_init_seconds": ray_init_s, "runs": runs, "allocator": alloc,
                  "startup_seconds": {s: [r["startup_seconds"] for r in runs[s]] for s in runs}},
     )

@@ -5,7 +5,9 @@ crop + flip, forward / backward / SGD step, and an evaluation pass per epoch; no
 (no metrics all-reduce, checkpoint or report). Shared with raysweep: the model builder
 (with fast_cifar's whitening stem set from the same first training images), the optimizer's
 parameter groups and schedule, and Lookahead, so both sides train the same network from
-the same initial weights with the same updates.
+the same initial weights with the same updates. Also shared: raysweep's malloc setting
+(``trainers.memory.keep_freed_memory``), so a comparison with raysweep measures Ray's cost
+alone; the ``overhead`` benchmark measures what the setting itself is worth.
 
 ``Recipe`` holds the training recipe once; ``Recipe.run_config`` turns it into the
 raysweep config that trains the same way.
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 from trainers.config import ModelConfig, TrainRunConfig
 from trainers.data import ImageData, Split
+from trainers.memory import keep_freed_memory
 from trainers.models import build_model
 
 
@@ -158,6 +161,7 @@ class Plain:
         from trainers.loop import WHITENING_IMAGES
         from trainers.optim import Lookahead, build_optimizer
 
+        keep_freed_memory()  # as raysweep's fit does
         torch.manual_seed(recipe.seed)  # raysweep seeds the same way: the same initial weights
         c, h, _ = data.shape
         self.fmt = torch.channels_last if recipe.channels_last and c > 1 else torch.contiguous_format

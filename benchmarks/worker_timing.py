@@ -4,7 +4,8 @@
 run once in every worker process as it starts) wraps ``trainers.loop.train_one_epoch`` and
 the reporters' ``report`` so that each call appends a line to a JSON-lines file:
 ``{"event": "train_start" | "train_end" | "report_end", "t": time.time(), "pid", "threads"}``,
-the training events with ``"cpu"``: every process's CPU seconds so far (``common.proc_cpu``).
+the training events with ``"cpu"``: every process's CPU seconds so far (``common.proc_cpu``),
+and ``"minflt"``: the worker's minor page faults so far.
 The file lives on this machine (benchmarks run on one machine; ``time.time()`` is one
 clock for every process on it), so the driver can read when a worker's first batch began
 and how long each epoch took, report and checkpoint included.
@@ -47,9 +48,12 @@ def _log(event: str, cpu: bool = False, **extra) -> None:
     if cpu:  # every process's CPU seconds (benchmarks.common.proc_cpu): who ran during the epoch.
         # ~10 ms; kept out of the training span (train_end's t is taken before it, train_start's
         # after it), inside the epoch span (~20 ms an epoch, < 0.1% of the epochs measured here).
+        import resource
+
         from benchmarks.common import proc_cpu
 
         extra["cpu"] = proc_cpu()
+        extra["minflt"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # this process's minor page faults
         if event == "train_start":
             t = time.time()
     line = json.dumps({"event": event, "t": t, "pid": os.getpid(), "threads": torch.get_num_threads(), **extra})
@@ -125,6 +129,9 @@ def epoch_times(events: list[dict]) -> dict:
     walls = [starts[i + 1] - starts[i] for i in range(n - 1)] + ([reports[n - 1] - starts[n - 1]] if n else [])
     pids = sorted({e["pid"] for e in events})
     cpu = [e.get("cpu") for e in events if e["event"] in ("train_start", "train_end")]
+    faults = [e.get("minflt") for e in events if e["event"] in ("train_start", "train_end")]
+    page_faults = ([faults[2 * i + 1] - faults[2 * i] for i in range(n)]
+                   if len(pids) == 1 and len(faults) >= 2 * n and None not in faults[:2 * n] else [])
     background = []  # per epoch: CPU seconds of Ray's other processes while this worker trained
     if len(pids) == 1 and len(cpu) >= 2 * n and all(cpu[:2 * n]):
         from benchmarks.common import cpu_between
@@ -132,4 +139,5 @@ def epoch_times(events: list[dict]) -> dict:
         background = [cpu_between(cpu[2 * i], cpu[2 * i + 1], os.getpid(), set(pids)) for i in range(n)]
     return {"first_batch_t": starts[0] if starts else None, "last_report_t": reports[n - 1] if n else None,
             "train_seconds": [ends[i] - starts[i] for i in range(n)], "epoch_seconds": walls,
-            "threads": sorted({e["threads"] for e in events}), "pids": pids, "background_cpu": background}
+            "threads": sorted({e["threads"] for e in events}), "pids": pids, "background_cpu": background,
+            "page_faults": page_faults}

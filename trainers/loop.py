@@ -22,6 +22,7 @@ from trainers.augment import augment_batch
 from trainers.config import TrainRunConfig
 from trainers.data import ImageData, Split
 from trainers.losses import compute_loss, l1_penalty
+from trainers.memory import keep_freed_memory
 from trainers.metrics import all_reduce_min, all_reduce_sum, confusion_matrix, scores_from_confusion
 from trainers.models import build_model
 from trainers.optim import Lookahead, build_optimizer
@@ -226,6 +227,7 @@ def checkpoint_meta(cfg: TrainRunConfig, data: ImageData) -> dict:
 
 def fit(cfg: TrainRunConfig, data: ImageData, ctx: WorkerContext, reporter: Reporter) -> dict:
     """Train for ``cfg.train.epochs`` (or until stopped); returns the last epoch's metrics."""
+    keep_freed_memory()  # every step re-allocates its activations: reuse pages, don't fault in new ones
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     device, world = ctx.device, ctx.world_size
     model = build_worker_model(cfg, data, device)
