@@ -24,13 +24,23 @@ def _table(headers, rows) -> list[str]:
     return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
 
 
+def _latest(name: str) -> dict | None:
+    """The full run's record, else the --quick run's (its rows say so): a benchmark whose
+    full run does not fit a session still shows what was measured, labelled."""
+    for suffix in ("", ".quick"):
+        if (path := RESULTS_DIR / f"{name}{suffix}.json").is_file():
+            return json.loads(path.read_text())
+    return None
+
+
 def markdown() -> str:
-    records = [json.loads(p.read_text()) for name in BENCHMARKS if (p := RESULTS_DIR / f"{name}.json").is_file()]
-    missing = [n for n in BENCHMARKS if not (RESULTS_DIR / f"{n}.json").is_file()]
-    out = _table(["benchmark", "value", "unit", "target", "met", "measured"],
-                 [[r["name"], r["value"], r["unit"], r["target"], r["met"], r["date"][:16]] for r in records])
+    records = [r for name in BENCHMARKS if (r := _latest(name)) is not None]
+    missing = [n for n in BENCHMARKS if _latest(n) is None]
+    out = _table(["benchmark", "mode", "value", "unit", "target", "met", "measured"],
+                 [[r["name"], r.get("mode", "full"), r["value"], r["unit"], r["target"], r["met"], r["date"][:16]]
+                  for r in records])
     if missing:
-        out += ["", f"No full run on record yet: {', '.join(missing)}."]
+        out += ["", f"No run on record yet: {', '.join(missing)}."]
     for r in records:
         machine = r.get("machine", {})
         out += ["", f"### {r['name']}", "", f"`{r['command']}` ({machine.get('cpu', '')}, "

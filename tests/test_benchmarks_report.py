@@ -12,6 +12,9 @@ def test_report_renders_each_result_file_and_rewrites_only_the_marked_block(tmp_
            "command": "python -m benchmarks augment", "machine": {"cpu": "cpu", "cores": 2},
            "table": {"headers": ["side", "images/s"], "rows": [["batched", 56420.0]]}, "notes": ["a note"]}
     (results / "augment.json").write_text(json.dumps(rec))
+    (results / "augment.quick.json").write_text(json.dumps({**rec, "mode": "quick", "value": 1.0}))
+    quick = {**rec, "name": "search", "mode": "quick", "value": 0.25, "command": "python -m benchmarks search --quick"}
+    (results / "search.quick.json").write_text(json.dumps(quick))
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{report.START}\nold figures\n{report.END}\nafter\n")
     monkeypatch.setattr(report, "RESULTS_DIR", results)
@@ -19,5 +22,6 @@ def test_report_renders_each_result_file_and_rewrites_only_the_marked_block(tmp_
     report.write_readme()
     text = readme.read_text()
     assert "old figures" not in text and text.startswith("before\n") and text.endswith("after\n")
-    assert "| augment | 16.5 | x | >= 20 | False | 2026-11-29T03:36 |" in text
-    assert "| batched | 5.64e+04 |" in text and "- a note" in text and "No full run on record yet: precision" in text
+    assert "| augment | full | 16.5 | x | >= 20 | False | 2026-11-29T03:36 |" in text  # full wins over quick
+    assert "| search | quick | 0.25 | x |" in text and "`python -m benchmarks search --quick`" in text
+    assert "| batched | 5.64e+04 |" in text and "- a note" in text and "No run on record yet: precision" in text
