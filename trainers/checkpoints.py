@@ -45,13 +45,19 @@ def load_state(path: str | Path) -> dict:
         ) from None
 
 
-def model_from_state(state: dict, device: torch.device | str = "cpu") -> tuple[Model, TrainRunConfig, dict]:
-    """Rebuild the trained network (eval mode) with its normaliser; returns (model, config, meta)."""
+def network_from_state(state: dict) -> tuple[torch.nn.Module, TrainRunConfig, dict]:
+    """The trained network, its weights loaded (train mode, on CPU); returns (net, config, meta)."""
     meta = state["meta"]
     cfg = TrainRunConfig.from_dict(meta["config"])
     channels, height, _ = meta["image_shape"]
     net = build_model(cfg.model, channels, height, len(meta["classes"]))
     net.load_state_dict(state["model"])
+    return net, cfg, meta
+
+
+def model_from_state(state: dict, device: torch.device | str = "cpu") -> tuple[Model, TrainRunConfig, dict]:
+    """Rebuild the trained network (eval mode) with its normaliser; returns (model, config, meta)."""
+    net, cfg, meta = network_from_state(state)
     model = Model(net.to(device).eval(), Normalizer(meta["mean"], meta["std"]).to(device), torch.contiguous_format)
     return model, cfg, meta
 

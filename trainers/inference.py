@@ -24,9 +24,9 @@ import warnings
 import torch
 from torch import nn
 
+from trainers.checkpoints import network_from_state
 from trainers.config import TrainRunConfig
 from trainers.loop import Normalizer, autocast_for, resolve_precision
-from trainers.models import build_model
 
 
 class InferenceError(ValueError):
@@ -68,11 +68,8 @@ def check_state(state) -> dict:
 
 def classifier_from_state(state: dict, device: torch.device | str = "cpu") -> tuple[Classifier, TrainRunConfig]:
     """Rebuild the trained network (eval mode) with its preprocessing; returns (classifier, config)."""
-    meta = check_state(state)
-    cfg = TrainRunConfig.from_dict(meta["config"])
-    channels, height, _ = meta["image_shape"]
-    net = build_model(cfg.model, channels, height, len(meta["classes"]))
-    net.load_state_dict(state["model"])
+    check_state(state)
+    net, cfg, meta = network_from_state(state)
     clf = Classifier(net, meta["mean"], meta["std"], meta["classes"], meta["image_shape"])
     return clf.to(device).eval(), cfg
 
