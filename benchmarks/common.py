@@ -265,7 +265,7 @@ def _free_agent_port():
 @contextlib.contextmanager
 def local_ray(num_cpus: int | None = None, timing: bool = True):
     """An embedded Ray set up as ``cluster.connect`` sets it up (loopback, dashboard on,
-    the same Train health-check beat, no preemption watcher), without forwarding workers' output (the JSON line
+    no preemption watcher, the job's runtime environment), without forwarding workers' output (the JSON line
     must stay last), and with the in-worker timing hook (``worker_timing``) if ``timing``.
     Reuses a Ray that is already running (e.g. the tests' fixture) and then leaves it
     running; shuts down only what it started."""
@@ -275,9 +275,9 @@ def local_ray(num_cpus: int | None = None, timing: bool = True):
         yield False
         return
     from benchmarks import worker_timing
-    from cluster.connect import forget_dashboard_address, pin_dashboard_address
+    from cluster.connect import forget_dashboard_address, job_runtime_env, pin_dashboard_address
 
-    runtime_env = worker_timing.runtime_env() if timing else None
+    runtime_env = {**(job_runtime_env() or {}), **(worker_timing.runtime_env() if timing else {})} or None
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as cluster.connect
     # Ray's worker processes inherit this environment: let them import ``benchmarks``

@@ -172,8 +172,9 @@ def run(mode: str = "full") -> Result:
              f"controller + worker + process group + data; plain: model + optimiser). ray.init: "
              f"{'-' if ray_init_s is None else f'{ray_init_s:.1f} s'}",
              "spread of the ratio row: per-round ratios",
-             f"malloc: both sides run with trainers.memory.keep_freed_memory (raysweep's fit sets it; the plain "
-             f"loop here too, so the ratio is Ray's cost alone). What it is worth, fresh processes alternating, "
+             f"malloc: both sides run with raysweep's malloc settings (trainers.memory: Ray's workers get them "
+             f"from the job's runtime environment, the plain loop from keep_freed_memory), so the ratio is Ray's "
+             f"cost alone. What it is worth, fresh processes alternating, "
              f"{alloc['model']} batch {alloc['batch']}: training step {alloc['step_seconds']['default']:.3g} s "
              f"with glibc's default malloc ({alloc['faults_per_step']['default'] / 1000:.0f}k minor page faults "
              f"per step) vs {alloc['step_seconds']['keep']:.3g} s with it "

@@ -18,6 +18,7 @@ import yaml
 
 from cluster.auth import secure_token_file
 from trainers.distributed import Placement
+from trainers.memory import malloc_env
 
 
 class ClusterError(RuntimeError):
@@ -71,6 +72,15 @@ def forget_dashboard_address() -> None:
     os.environ.pop("RAY_API_SERVER_ADDRESS", None)
 
 
+def job_runtime_env() -> dict | None:
+    """What every Ray worker of this job starts with: glibc settings that let a training
+    thread reuse its freed activations (``trainers.memory``; read only as a process starts,
+    so they cannot be set from inside Ray Train's training thread). Ray merges this with a
+    submitted job's own runtime environment, variable by variable."""
+    env_vars = malloc_env()
+    return {"env_vars": env_vars} if env_vars else None
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Start or join Ray once per process."""
     if ray.is_initialized():
@@ -78,7 +88,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     address = resolve_address(address)
     if address:
         _check_reachable(address)
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=job_runtime_env())
         return
     # Processes of an embedded Ray inherit this environment (and Ray Train hands this
     # variable on to its controller; our per-fit settings are trainers.distributed's
@@ -94,6 +104,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         dashboard_host="127.0.0.1",
         dashboard_port=pin_dashboard_address(),
         logging_level=logging.WARNING,
+        runtime_env=job_runtime_env(),
     )
     secure_token_file()  # Ray writes a new token file with the umask's mode (0644 here)
 

@@ -23,10 +23,10 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    from cluster.connect import forget_dashboard_address, pin_dashboard_address
+    from cluster.connect import forget_dashboard_address, job_runtime_env, pin_dashboard_address
 
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=pin_dashboard_address(),
-             logging_level=logging.WARNING)
+             logging_level=logging.WARNING, runtime_env=job_runtime_env())
     yield ray
     ray.shutdown()
     forget_dashboard_address()

@@ -13,7 +13,8 @@ def test_embedded_ray_gets_its_settings_before_it_starts(monkeypatch):
     seen = {}
     keys = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_API_SERVER_ADDRESS")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.update({k: os.environ.get(k) for k in keys}, port=kw["dashboard_port"]))
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update({k: os.environ.get(k) for k in keys},
+                                                              port=kw["dashboard_port"], runtime_env=kw["runtime_env"]))
     monkeypatch.setattr(connect_mod, "secure_token_file", lambda: None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for key in keys:
@@ -24,6 +25,8 @@ def test_embedded_ray_gets_its_settings_before_it_starts(monkeypatch):
     # Every Ray process (Ray Train's placement-group cleaner among them) finds this
     # cluster's state API, not another Ray's on the same machine.
     assert seen["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{seen['port']}"
+    # Ray Train's training threads reuse freed activations (trainers.memory)
+    assert seen["runtime_env"]["env_vars"]["MALLOC_ARENA_MAX"] == "1"
 
 
 def test_ray_train_settings_apply_around_our_fits_only(monkeypatch):
@@ -43,9 +46,12 @@ def test_ray_train_settings_apply_around_our_fits_only(monkeypatch):
 
 def test_a_running_cluster_keeps_its_own_train_settings(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: None)
+    seen = {}
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
     monkeypatch.setattr(connect_mod, "_check_reachable", lambda address: None)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the user's own glibc setting wins
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # recorded, so restored after the test
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
     connect_mod.connect("127.0.0.1:6379")
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # preemption is real on cloud clusters
+    assert seen["runtime_env"] is None
