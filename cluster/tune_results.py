@@ -76,12 +76,14 @@ class TrialRecord:
         return pick(sorted(finite), key=lambda e: finite[e][metric])
 
     def best_checkpoint(self, metric: str, mode: str) -> str | None:
-        """The checkpoint of the best checkpointed epoch."""
+        """The checkpoint of the best checkpointed epoch; of equal scores, the latest epoch's.
+        Tune keeps ``num_to_keep`` checkpoints and ranks equal scores by age, deleting the
+        older: the earliest of tied epochs (common on a small validation set) may be gone."""
         scored = {e: p for e, p in self.checkpoints.items() if _finite(self.epochs.get(e, {}).get(metric))}
         if not scored:
             return None
         pick = max if mode == "max" else min
-        return scored[pick(sorted(scored), key=lambda e: self.epochs[e][metric])]
+        return scored[pick(sorted(scored, reverse=True), key=lambda e: self.epochs[e][metric])]
 
 
 def _finite(v) -> bool:
