@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
-from benchmarks.common import REPO, alternate, median
+from benchmarks.common import REPO, alternate, median, minor_faults
 
 
 def probe(model: str, batch: int, size: int, steps: int, keep: bool) -> dict:
@@ -46,10 +45,10 @@ def probe(model: str, batch: int, size: int, steps: int, keep: bool) -> dict:
         step()
     seconds, faults = [], []
     for _ in range(steps):
-        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        f0, t0 = minor_faults(), time.perf_counter()
         step()
         seconds.append(time.perf_counter() - t0)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        faults.append(minor_faults() - f0)
     return {"kept": kept, "step_seconds": statistics.median(seconds), "faults_per_step": statistics.median(faults)}
 
 

@@ -202,6 +202,13 @@ def proc_cpu() -> dict[int, tuple[int, float, str]]:
     return out
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (each one a fresh zeroed page from the kernel)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def cpu_between(before: dict, after: dict, root: int, exclude: set[int], top: int = 8) -> dict:
     """CPU seconds used between two ``proc_cpu`` snapshots (keys may be str, as after JSON):
     ``ray``: by ``root``'s descendants (an embedded Ray: GCS, raylet, dashboard, actors,

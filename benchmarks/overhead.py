@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -21,7 +20,8 @@ import time
 import torch
 
 from benchmarks import allocator, plain
-from benchmarks.common import Result, alternate, cpu_between, local_ray, median, proc_cpu, set_threads, spread
+from benchmarks.common import (Result, alternate, cpu_between, local_ray, median, minor_faults, proc_cpu,
+                               set_threads, spread)
 from benchmarks.worker_timing import EventReader, epoch_times
 
 TARGET = 1.02
@@ -70,10 +70,10 @@ def _plain_epochs_watched(background: list, page_faults: list):
     original = plain.Plain.epoch
 
     def epoch(self):
-        before, faults = proc_cpu(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        before, faults = proc_cpu(), minor_faults()
         out = original(self)
         background.append(cpu_between(before, proc_cpu(), os.getpid(), {os.getpid()}))
-        page_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+        page_faults.append(minor_faults() - faults)
         return out
 
     plain.Plain.epoch = epoch
@@ -188,7 +188,8 @@ def run(mode: str = "full") -> Result:
     return Result(
         name="overhead", value=ratio, target=f"<= {TARGET}", met=ratio <= TARGET,
         unit="x (raysweep epoch / plain epoch, medians)",
-        headers=["side", "startup s", "epoch s", "epoch spread", "train s", "rest s", "train img/s", "faults k/epoch", "ray %core",
+        headers=["side", "startup s", "epoch s", "epoch spread", "train s", "rest s", "train img/s", "faults k/epoch",
+                 "ray %core",
                  "others %core"],
         rows=rows, notes=notes,
         details={"ratio": ratio, "train_ratio": train_ratio, "per_round_ratio": per_round, "threads": threads,

@@ -48,12 +48,10 @@ def _log(event: str, cpu: bool = False, **extra) -> None:
     if cpu:  # every process's CPU seconds (benchmarks.common.proc_cpu): who ran during the epoch.
         # ~10 ms; kept out of the training span (train_end's t is taken before it, train_start's
         # after it), inside the epoch span (~20 ms an epoch, < 0.1% of the epochs measured here).
-        import resource
-
-        from benchmarks.common import proc_cpu
+        from benchmarks.common import minor_faults, proc_cpu
 
         extra["cpu"] = proc_cpu()
-        extra["minflt"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # this process's minor page faults
+        extra["minflt"] = minor_faults()
         if event == "train_start":
             t = time.time()
     line = json.dumps({"event": event, "t": t, "pid": os.getpid(), "threads": torch.get_num_threads(), **extra})

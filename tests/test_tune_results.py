@@ -6,7 +6,7 @@ from cluster.tune_results import TrialRecord
 def test_best_checkpoint_of_tied_epochs_is_one_tune_kept(tmp_path):
     """Tune's own checkpoint manager (what each trial uses, num_to_keep=2 as in
     search_spaces.tuner) deletes the older of equally scored checkpoints; a small
-    validation set ties often (digits: 105/108 in epochs 3, 5 and 6 of one search)."""
+    validation set ties often (digits' 108 validation images)."""
     from ray.train import Checkpoint, CheckpointConfig
     from ray.train._internal.checkpoint_manager import _CheckpointManager
     from ray.train._internal.session import _TrainingResult
