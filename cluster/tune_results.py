@@ -69,11 +69,12 @@ class TrialRecord:
     wall_seconds: float | None = None
 
     def best_epoch(self, metric: str, mode: str) -> int | None:
+        """The best epoch; of equal scores the latest, whose checkpoint Tune keeps."""
         finite = {e: m for e, m in self.epochs.items() if _finite(m.get(metric))}
         if not finite:
             return None
         pick = max if mode == "max" else min
-        return pick(sorted(finite), key=lambda e: finite[e][metric])
+        return pick(sorted(finite, reverse=True), key=lambda e: finite[e][metric])
 
     def best_checkpoint(self, metric: str, mode: str) -> str | None:
         """The checkpoint of the best checkpointed epoch; of equal scores, the latest epoch's.

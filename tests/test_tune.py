@@ -12,6 +12,7 @@ import optuna
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from ray.tune import Callback
 
 from cluster.cli import main
 from cluster.tables import EPOCHS_SCHEMA
@@ -83,6 +84,37 @@ def test_two_worker_trials_stopped_by_asha_do_not_hang_the_search(tmp_path):
     assert any(t["status"] == "early_stopped" for t in trials)
     assert all(t["checkpoint"] for t in trials)
     assert time.monotonic() - start < 400
+
+
+class TrialActors(Callback):
+    """The Ray actor each trial started in."""
+
+    def __init__(self):
+        self.ids = []
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.ids.append(trial.temporary_state.ray_actor._actor_id.hex())
+
+
+def test_one_worker_trials_run_one_after_another_in_one_actor(tmp_path):
+    """A fresh actor per trial is a process start and a torch import each time. Tune
+    reuses the actor, also after ASHA stops a trial mid-run (its thread must end at once)."""
+    from search_spaces.tuner import SearchConfig, build_tuner
+    from trainers.data import load_data
+    from trainers.distributed import Placement
+
+    space = load_space("digits_cnn")
+    base = {"data": {"name": "digits", "limit": 300}, "train": {"epochs": 3}}
+    search = SearchConfig(trials=4, max_epochs=3, scheduler="asha", grace_period=1, reduction_factor=2,
+                          concurrent=1, seed=0, placement=Placement(workers=1, cpus_per_worker=1.0)).validate()
+    actors = TrialActors()
+    data = load_data(space.trial_config(base, space.default_point()).data)
+    results = build_tuner(space, base, data, search, str(tmp_path), "reuse", [actors], concurrent=1,
+                          experiment_dir=None, resume=False).fit()
+    assert not results.errors
+    epochs_run = sorted(r.metrics["training_iteration"] for r in results)
+    assert epochs_run[0] < 3 == epochs_run[-1], epochs_run  # ASHA stopped at least one trial
+    assert len(actors.ids) == 4 and len(set(actors.ids)) == 1, actors.ids
 
 
 FAULTY_SPACE = """

@@ -25,3 +25,4 @@ def test_best_checkpoint_of_tied_epochs_is_one_tune_kept(tmp_path):
     best = record.best_checkpoint("val_accuracy", "max")
     assert (tmp_path / best.rsplit("/", 1)[1]).is_dir(), sorted(p.name for p in tmp_path.iterdir())
     assert record.epochs[int(best[-6:]) + 1]["val_accuracy"] == 0.9722
+    assert record.best_epoch("val_accuracy", "max") == int(best[-6:]) + 1  # trials.parquet's best_epoch names it
