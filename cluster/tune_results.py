@@ -22,7 +22,8 @@ from search_spaces.tuner import CHECKPOINT_PATH_KEY
 from trainers.loop import STOP_DIVERGED, STOP_EARLY
 
 COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, RUNNING = "completed", "early_stopped", "diverged", "failed", "running"
-FINAL = (COMPLETED, EARLY_STOPPED, DIVERGED, FAILED)
+LOST = "lost"  # started before a crash, after Tune's last snapshot: a resumed search never continues it
+FINAL = (COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, LOST)
 SUMMARY_METRICS = ("val_accuracy", "val_loss", "val_f1")
 
 
@@ -139,6 +140,23 @@ class SearchResultsCallback(tune.Callback):
         return self._records[trial.trial_id]
 
     # --- Tune hooks ----------------------------------------------------------
+    def on_step_begin(self, iteration, trials, **info):
+        if not getattr(self, "_checked_lost", False):  # the first step of this driver process
+            self._checked_lost = True
+            self._mark_lost(trials)
+
+    def _mark_lost(self, trials) -> None:
+        """Tune resumes from its experiment snapshot, taken at most every 10 s: a trial that
+        started after it is unknown to the resumed search, which samples a new one instead.
+        Such a trial left unfinished would read "running" for ever."""
+        _ = self.store
+        known = {t.trial_id for t in trials}
+        lost = [r for r in self._records.values() if r.status == RUNNING and r.trial_id not in known]
+        for rec in lost:
+            rec.status, rec.error = LOST, "started after Tune's last snapshot before the driver died; not resumed"
+        if lost:
+            self._write_trials()
+
     def on_trial_start(self, iteration, trials, trial, **info):
         rec = self._record(trial)
         if rec.status in FINAL:  # a resumed search re-opens trials whose end Tune had not saved

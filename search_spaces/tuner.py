@@ -230,6 +230,28 @@ def reuse_trial_actors(search: SearchConfig) -> bool:
     return search.placement.workers == 1
 
 
+def forgive_deleted_checkpoints() -> None:
+    """After a crash, a resumed search starts from Tune's last experiment snapshot, which
+    is up to 10 s old: a trial it resumes can list a checkpoint that Tune already deleted
+    (num_to_keep) after the snapshot. Ray 2.60 then fails that trial when it deletes the
+    checkpoint again. A checkpoint that is gone is deleted, so the driver's checkpoint
+    manager is told to treat it so (pinned Ray; private name)."""
+    from ray.train._internal import checkpoint_manager
+
+    delete = checkpoint_manager._delete_fs_path
+    if getattr(delete, "forgiving", False):
+        return
+
+    def delete_unless_gone(fs, fs_path):
+        try:
+            delete(fs=fs, fs_path=fs_path)
+        except FileNotFoundError:
+            pass
+
+    delete_unless_gone.forgiving = True
+    checkpoint_manager._delete_fs_path = delete_unless_gone
+
+
 def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -239,6 +261,7 @@ def build_tuner(space: SearchSpace, base: dict, data: ImageData, search: SearchC
                 progress_reporter=None) -> tune.Tuner:
     """A new Tuner, or the restored one when ``<storage>/<name>`` holds a search and ``resume``."""
     experiment_uri = f"{storage.rstrip('/')}/{name}"
+    forgive_deleted_checkpoints()
     fn = trainable(space, base, data, search, experiment_uri)
     if resume and tune.Tuner.can_restore(experiment_uri):
         return tune.Tuner.restore(experiment_uri, trainable=fn, resume_unfinished=True, resume_errored=False,

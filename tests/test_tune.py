@@ -180,12 +180,17 @@ def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path):
     assert _tune(tmp_path, "k", "--space", "digits_cnn", "--trials", "6", "--max-epochs", "3", "--scheduler", "none",
                  "--concurrent", "1", "--resume") == 0
     after = {r["trial_id"]: r for r in _trials(tmp_path / "k")}
-    assert len(after) == 6 and all(r["status"] == "completed" for r in after.values())
+    # A trial started after Tune's last snapshot (taken at most every 10 s) is not resumed:
+    # the search runs 6 others, and that one reads "lost", not "running" for ever.
+    resumed = {i: r for i, r in after.items() if r["status"] != "lost"}
+    assert len(resumed) == 6 and all(r["status"] == "completed" for r in resumed.values()), after
+    assert all(r["error"] for r in after.values() if r["status"] == "lost")
     for trial_id, row in before.items():  # finished trials kept as they were, not re-run
         assert after[trial_id]["wall_seconds"] == row["wall_seconds"]
-    epochs = pq.read_table(tmp_path / "k" / "epochs.parquet")
-    pairs = list(zip(epochs.column("trial_id").to_pylist(), epochs.column("epoch").to_pylist()))
-    assert len(pairs) == len(set(pairs)) == 18
+    epochs = pq.read_table(tmp_path / "k" / "epochs.parquet").to_pylist()
+    pairs = [(e["trial_id"], e["epoch"]) for e in epochs]
+    assert len(pairs) == len(set(pairs))
+    assert sum(e["trial_id"] in resumed for e in epochs) == 18
 
 
 def test_trials_schema_is_pinned():

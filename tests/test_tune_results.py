@@ -26,3 +26,25 @@ def test_best_checkpoint_of_tied_epochs_is_one_tune_kept(tmp_path):
     assert (tmp_path / best.rsplit("/", 1)[1]).is_dir(), sorted(p.name for p in tmp_path.iterdir())
     assert record.epochs[int(best[-6:]) + 1]["val_accuracy"] == 0.9722
     assert record.best_epoch("val_accuracy", "max") == int(best[-6:]) + 1  # trials.parquet's best_epoch names it
+
+
+def test_a_trial_the_resumed_search_does_not_know_reads_lost(tmp_path):
+    """Tune's snapshot predates a trial that started just before the driver died: the
+    resumed search never continues it, so its row must not read "running" for ever."""
+    from types import SimpleNamespace
+
+    import pyarrow.parquet as pq
+
+    from cluster.tune_results import SearchResultsCallback
+    from search_spaces.space import load_space
+
+    space = load_space("digits_cnn")
+    before = SearchResultsCallback(str(tmp_path), "s", space, max_epochs=3)  # the driver that died
+    for trial_id in ("kept", "gone"):
+        before.on_trial_start(0, [], SimpleNamespace(trial_id=trial_id, config={}))
+    resumed = SearchResultsCallback(str(tmp_path), "s", space, max_epochs=3)
+    resumed.on_step_begin(0, [SimpleNamespace(trial_id="kept")])
+    rows = pq.read_table(tmp_path / "s" / "trials.parquet").to_pylist()
+    status = {r["trial_id"]: (r["status"], r["error"]) for r in rows}
+    assert status["kept"] == ("running", None)
+    assert status["gone"][0] == "lost" and "snapshot" in status["gone"][1]
