@@ -261,9 +261,9 @@ def build_tuner(space: SearchSpace, base: dict, data: ImageData, search: SearchC
                 progress_reporter=None) -> tune.Tuner:
     """A new Tuner, or the restored one when ``<storage>/<name>`` holds a search and ``resume``."""
     experiment_uri = f"{storage.rstrip('/')}/{name}"
-    forgive_deleted_checkpoints()
     fn = trainable(space, base, data, search, experiment_uri)
     if resume and tune.Tuner.can_restore(experiment_uri):
+        forgive_deleted_checkpoints()
         return tune.Tuner.restore(experiment_uri, trainable=fn, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
     return tune.Tuner(
