@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import logging
 import os
 import platform
 import statistics
@@ -282,7 +281,7 @@ def local_ray(num_cpus: int | None = None, timing: bool = True):
         yield False
         return
     from benchmarks import worker_timing
-    from cluster.connect import forget_dashboard_address, job_runtime_env, pin_dashboard_address
+    from cluster.connect import embedded_ray_options, forget_dashboard_address, job_runtime_env
 
     runtime_env = {**(job_runtime_env() or {}), **(worker_timing.runtime_env() if timing else {})} or None
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -295,9 +294,8 @@ def local_ray(num_cpus: int | None = None, timing: bool = True):
     for attempt in (1, 2):  # on a busy machine the raylet can miss Ray's 30 s registration window
         try:
             with _free_agent_port():
-                ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                         dashboard_port=pin_dashboard_address(), logging_level=logging.WARNING, log_to_driver=False,
-                         runtime_env=runtime_env)
+                ray.init(**embedded_ray_options(num_cpus=num_cpus or os.cpu_count(), log_to_driver=False,
+                                                runtime_env=runtime_env))
             break
         except Exception as e:  # Ray raises a bare Exception for this timeout
             ray.shutdown()

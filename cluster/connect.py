@@ -81,6 +81,14 @@ def job_runtime_env() -> dict | None:
     return {"env_vars": env_vars} if env_vars else None
 
 
+def embedded_ray_options(**overrides) -> dict:
+    """``ray.init`` keywords for a Ray this process starts itself (the CLI's, the tests',
+    the benchmarks'): loopback dashboard, quiet logs, the job's runtime environment."""
+    return {"include_dashboard": True,  # Ray Train's cleanup of stopped trials needs the state API
+            "dashboard_host": "127.0.0.1", "dashboard_port": pin_dashboard_address(),
+            "logging_level": logging.WARNING, "runtime_env": job_runtime_env(), **overrides}
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Start or join Ray once per process."""
     if ray.is_initialized():
@@ -97,15 +105,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     # wakes about 150 times a second (Ray's 10 ms signal check) and used about 1% of a core
     # while training, which a 2-thread training step on 2 cores pays for in wall time.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        include_dashboard=True,  # Ray Train's cleanup of stopped trials needs the state API
-        dashboard_host="127.0.0.1",
-        dashboard_port=pin_dashboard_address(),
-        logging_level=logging.WARNING,
-        runtime_env=job_runtime_env(),
-    )
+    ray.init(**embedded_ray_options(num_cpus=num_cpus, num_gpus=num_gpus))
     secure_token_file()  # Ray writes a new token file with the umask's mode (0644 here)
 
 

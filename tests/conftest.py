@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 # Keep every Ray process on 127.0.0.1 (Ray otherwise swaps in the machine's address).
@@ -23,10 +22,9 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    from cluster.connect import forget_dashboard_address, job_runtime_env, pin_dashboard_address
+    from cluster.connect import embedded_ray_options, forget_dashboard_address
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=pin_dashboard_address(),
-             logging_level=logging.WARNING, runtime_env=job_runtime_env())
+    ray.init(**embedded_ray_options(num_cpus=2))
     yield ray
     ray.shutdown()
     forget_dashboard_address()
