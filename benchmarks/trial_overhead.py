@@ -17,8 +17,13 @@ way round.
 Both sides share the embedded Ray's settings (loopback, no preemption watcher). The plain
 pattern's TorchTrainer keeps Ray Train's defaults, as a user of the documented pattern
 gets them; raysweep's 2-worker trials use ``trainers.distributed.run_training``
-(``LeanTorchTrainer``: no Ray Data actor; ``RAY_TRAIN_ENV``: 0.2 s controller poll
-instead of 2 s, no metrics callbacks).
+(``LeanTorchTrainer``: Ray Train's controller runs in the trial's own actor and hands
+reports to ``tune.report``, so no controller actor and no queue actor; no Ray Data
+actor; ``RAY_TRAIN_ENV``: 0.2 s controller poll instead of 2 s, no metrics callbacks).
+
+The embedded Ray runs without the in-worker timing hook (``worker_timing``): it would
+import torch and ``trainers`` in every Ray process that starts (controllers, cleaners,
+queues), which is start-up cost of the harness, not of either side.
 """
 
 from __future__ import annotations
@@ -150,7 +155,7 @@ def run(mode: str = "full") -> Result:
     counter = iter(range(1000))
     slots: dict[int, int] = {}  # trials at once, by workers per trial
     try:
-        with local_ray(threads):
+        with local_ray(threads, timing=False):
             cpus = int(ray.cluster_resources().get("CPU", 1))
             data = load_data(run_cfg.data)
             sides = {}

@@ -2,8 +2,9 @@
 
 A one-worker trial runs the training loop inside the Tune function itself (no
 ``TorchTrainer``: its start-up would cost more than a small trial's training). A trial of
-several workers starts a ``TorchTrainer`` and forwards its reports to Tune with
-``TuneReportCallback``. Results reach the caller through Tune callbacks it hands down.
+several workers starts a ``TorchTrainer`` whose controller runs in the trial's own process
+and hands each report to Tune (``ReportToTune``). Results reach the caller through Tune
+callbacks it hands down.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import optuna
 import ray
 import torch
 from ray import tune
+from ray.train import UserCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -32,7 +34,7 @@ from trainers.loop import STOP_DIVERGED, WorkerContext, fit
 SEARCHERS = ("optuna", "random")
 SCHEDULERS = ("asha", "none")
 CHECKPOINT_PATH_KEY = "checkpoint_path"
-DRIVER_MEMORY_BYTES = 64 * 2**20  # where TuneReportCallback puts a Train checkpoint's path
+DRIVER_MEMORY_BYTES = 64 * 2**20  # a trial's process: Tune's function, or Ray Train's controller
 
 
 @dataclass(frozen=True)
@@ -118,11 +120,22 @@ def run_trial(params: dict, *, space: SearchSpace, base: dict, data: ImageData, 
         device = torch.device("cuda" if use_gpu else "cpu")
         fit(cfg, data, WorkerContext(device=device), TuneReporter())
         return
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     trial_id = tune.get_context().get_trial_id()
     run_training(cfg, ray.put(data), placement, train_storage, name=f"trial_{trial_id}",
-                 callbacks=[TuneReportCallback()])
+                 callbacks=[ReportToTune()], host_controller=True)
+
+
+class ReportToTune(UserCallback):
+    """Rank 0's metrics of each Train report go to Tune, with the checkpoint's path (Train
+    has already stored it). The trial hosts Ray Train's controller in its own thread
+    (``host_controller``), so this runs where ``tune.report`` works: no queue actor
+    between them, as Ray's ``TuneReportCallback`` needs for a controller actor."""
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        report = dict(metrics[0])
+        if checkpoint:
+            report[CHECKPOINT_PATH_KEY] = checkpoint.path
+        tune.report(report)
 
 
 class GuardedOptunaSearch(OptunaSearch):

@@ -78,3 +78,47 @@ def test_bad_input_exits_2_before_ray_work(tmp_path, capsys):
                  "--storage", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing was started or written
+
+
+def test_a_hosted_controller_whose_thread_is_ended_frees_its_workers_at_once(tmp_path):
+    """With ``host_controller`` the controller runs in the calling actor's thread; if that
+    thread is ended, its workers and their placement group must go then, not when the
+    actor dies (a Tune actor may live on)."""
+    import ray
+    from ray.train import UserCallback
+
+    from trainers.config import TrainRunConfig
+    from trainers.data import load_data
+    from trainers.distributed import Placement, run_training
+
+    class QuitAtFirstReport(UserCallback):
+        """Ends the thread running the fit, as ``tune.report`` does when Tune stops a
+        trial while it waits there. (Defined here: Ray pickles it by value.)"""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            raise SystemExit(0)
+
+    @ray.remote(num_cpus=0)
+    class Host:
+        def fit(self, storage):
+            cfg = TrainRunConfig.from_dict({"data": {"name": "digits", "limit": 200}, "train": {"epochs": 3}})
+            try:
+                run_training(cfg, ray.put(load_data(cfg.data)), Placement(workers=2), storage, "quit",
+                             callbacks=[QuitAtFirstReport()], host_controller=True)
+            except SystemExit:
+                return "ended"
+            return "finished"
+
+        def alive(self):
+            return True
+
+    host = Host.remote()
+    assert ray.get(host.fit.remote(str(tmp_path)), timeout=300) == "ended"
+    assert ray.get(host.alive.remote())
+    live = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert not live, live
+    deadline = time.monotonic() + 10  # the raylet hands the bundles' CPUs back a moment later
+    while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU") == 2
+    ray.kill(host)

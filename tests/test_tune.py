@@ -84,6 +84,18 @@ def test_two_worker_trials_stopped_by_asha_do_not_hang_the_search(tmp_path):
     assert any(t["status"] == "early_stopped" for t in trials)
     assert all(t["checkpoint"] for t in trials)
     assert time.monotonic() - start < 400
+    # Each trial hosts Ray Train's controller in its Tune actor; when the actor is gone,
+    # so is its workers' placement group (Ray's cleaner watches the actor).
+    deadline = time.monotonic() + 30
+    while (left := _live_placement_groups()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left
+
+
+def _live_placement_groups() -> list[str]:
+    import ray.util
+
+    return [pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"]
 
 
 class TrialActors(Callback):

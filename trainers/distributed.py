@@ -7,6 +7,7 @@ store) are handed down by the caller, so this package never imports ``cluster``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -19,6 +20,7 @@ import ray.train
 import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from ray.train.v2._internal.execution.controller import TrainController
 
 from trainers.checkpoints import load_state, save_state
 from trainers.config import TrainRunConfig
@@ -139,10 +141,22 @@ def ray_train_env():
 
 
 class LeanTorchTrainer(ray.train.torch.TorchTrainer):
-    """A TorchTrainer that starts no Ray Data actor (DatasetManager) when it is given no
-    Ray Dataset: ours travel as one object ref, and the actor is one more process start
-    per fit (seconds on a small machine). Uses Ray Train's private callback list (pinned
-    ray version)."""
+    """A TorchTrainer that starts fewer processes per fit (each a process start and imports:
+    seconds on a small machine). Uses Ray Train's private parts (pinned ray version).
+
+    - No Ray Data actor (DatasetManager) when it is given no Ray Dataset: ours travel as
+      one object ref.
+    - With ``host_controller``, Ray Train's own ``TrainController`` runs in this process
+      (in the calling thread) instead of in an actor of its own. Only inside a Ray actor
+      (a Tune trial): the workers are handed ``current_actor`` as their controller, and
+      Ray's placement-group cleaner watches this actor, which is what dies when Tune ends
+      a trial. Its callbacks then run in this thread, so a Tune trial can pass its reports
+      to ``tune.report`` directly.
+    """
+
+    def __init__(self, *args, host_controller: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.host_controller = host_controller
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
@@ -150,14 +164,36 @@ class LeanTorchTrainer(ray.train.torch.TorchTrainer):
             return callbacks
         return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
 
+    def _initialize_and_run_controller(self, **controller_init_kwargs) -> ray.train.Result:
+        if not self.host_controller:
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+        if ray.get_runtime_context().get_actor_id() is None:
+            raise RuntimeError("host_controller=True needs to run inside a Ray actor (e.g. a Tune trial)")
+        controller = TrainController(**controller_init_kwargs)
+        try:
+            asyncio.run(controller.run())
+        except BaseException:  # e.g. SystemExit from tune.report: Tune is ending this trial
+            _abort_workers(controller)
+            raise
+        return controller.get_result()
+
+
+def _abort_workers(controller: TrainController) -> None:
+    """What ``TrainController.abort`` does, without ending the process it runs in (ours):
+    stop the placement-group cleaner, then end the workers and give their resources back
+    now, not when this actor dies."""
+    controller._controller_callback_manager.invoke_best_effort("before_controller_abort")
+    if (worker_group := controller.get_worker_group()) is not None:
+        worker_group.abort()
+
 
 def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: str, name: str,
-                 callbacks: list | None = None) -> ray.train.Result:
+                 callbacks: list | None = None, host_controller: bool = False) -> ray.train.Result:
     """Fit one model with Ray Train. ``data`` is an ``ImageData`` or an object ref to one.
 
     Re-running with the same ``(storage_path, name)`` resumes from the last checkpoint.
     Raises ``ray.train.TrainingFailedError`` once the workers have failed more than
-    ``cfg.train.max_failures`` times.
+    ``cfg.train.max_failures`` times. ``host_controller``: see ``LeanTorchTrainer``.
     """
     es = cfg.train.early_stopping
     trainer = LeanTorchTrainer(
@@ -174,6 +210,7 @@ def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: 
                 num_to_keep=1, checkpoint_score_attribute=es.metric, checkpoint_score_order=es.mode
             ),
         ),
+        host_controller=host_controller,
     )
     with ray_train_env():
         return trainer.fit()
