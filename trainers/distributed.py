@@ -20,6 +20,7 @@ import ray.train
 import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.controller import TrainController
 
 from trainers.checkpoints import load_state, save_state
@@ -146,6 +147,12 @@ class LeanTorchTrainer(ray.train.torch.TorchTrainer):
 
     - No Ray Data actor (DatasetManager) when it is given no Ray Dataset: ours travel as
       one object ref.
+    - No placement-group cleaner actor when the controller is an actor of its own, started
+      from a driver (``raysweep train``). The cleaner removes the workers' placement group
+      if the controller dies without doing so; but that group lives only as long as the Ray
+      job, and a driver whose controller died gets the error from ``fit()`` and ends its
+      job. The cleaner is not free either: it asks Ray's state API (dashboard, GCS) about
+      the controller every second, throughout training.
     - With ``host_controller``, Ray Train's own ``TrainController`` runs in this process
       (in the calling thread) instead of in an actor of its own. Only inside a Ray actor
       (a Tune trial): the workers are handed ``current_actor`` as their controller, and
@@ -159,10 +166,10 @@ class LeanTorchTrainer(ray.train.torch.TorchTrainer):
         self.host_controller = host_controller
 
     def _create_default_callbacks(self):
-        callbacks = super()._create_default_callbacks()
-        if self.datasets:
-            return callbacks
-        return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+        unneeded = () if self.datasets else (DatasetsCallback,)
+        if not self.host_controller:  # a Tune trial's actor can be killed: keep its cleaner
+            unneeded += (PlacementGroupCleanerCallback,)
+        return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unneeded)]
 
     def _initialize_and_run_controller(self, **controller_init_kwargs) -> ray.train.Result:
         if not self.host_controller:
