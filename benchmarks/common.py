@@ -269,9 +269,9 @@ def _free_agent_port():
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int | None = None, timing: bool = True):
-    """An embedded Ray set up as ``cluster.connect`` sets it up (loopback, dashboard on,
-    no preemption watcher, the job's runtime environment), without forwarding workers' output (the JSON line
+def local_ray(num_cpus: int | None = None, timing: bool = True, dashboard: bool = True):
+    """An embedded Ray set up as ``cluster.connect`` sets it up (loopback, dashboard as
+    ``dashboard`` says, no preemption watcher, the job's runtime environment), without forwarding workers' output (the JSON line
     must stay last), and with the in-worker timing hook (``worker_timing``) if ``timing``.
     Reuses a Ray that is already running (e.g. the tests' fixture) and then leaves it
     running; shuts down only what it started."""
@@ -294,8 +294,8 @@ def local_ray(num_cpus: int | None = None, timing: bool = True):
     for attempt in (1, 2):  # on a busy machine the raylet can miss Ray's 30 s registration window
         try:
             with _free_agent_port():
-                ray.init(**embedded_ray_options(num_cpus=num_cpus or os.cpu_count(), log_to_driver=False,
-                                                runtime_env=runtime_env))
+                ray.init(**embedded_ray_options(dashboard, num_cpus=num_cpus or os.cpu_count(),
+                                                log_to_driver=False, runtime_env=runtime_env))
             break
         except Exception as e:  # Ray raises a bare Exception for this timeout
             ray.shutdown()

@@ -18,6 +18,9 @@ from trainers.data import ImageData, load_data
 from trainers.distributed import Placement, best_checkpoint, run_training
 from trainers.loop import STOP_DIVERGED, STOP_EARLY
 
+# A single fit's embedded Ray starts without the dashboard (``cluster.connect.embedded_ray_options``).
+EMBEDDED_DASHBOARD = False
+
 COMPLETED, EARLY_STOPPED, DIVERGED, FAILED = "completed", "early_stopped", "diverged", "failed"
 
 
@@ -55,7 +58,7 @@ def evaluate_on_test(checkpoint: ray.train.Checkpoint, data_ref, use_gpu: bool) 
 def run(req: TrainRequest, data: ImageData | None = None) -> dict:
     """Train, evaluate the best checkpoint on the test split, write the results; returns the summary."""
     data = data or load_data(req.cfg.data)  # before Ray starts: data errors come first
-    connect(req.address)
+    connect(req.address, dashboard=EMBEDDED_DASHBOARD)
     check_fits(req.placement)
     store = ResultsStore(req.storage, req.name)
     data_ref = ray.put(data)
