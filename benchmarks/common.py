@@ -271,8 +271,9 @@ def _free_agent_port():
 @contextlib.contextmanager
 def local_ray(num_cpus: int | None = None, timing: bool = True, dashboard: bool = True):
     """An embedded Ray set up as ``cluster.connect`` sets it up (loopback, dashboard as
-    ``dashboard`` says, no preemption watcher, the job's runtime environment), without forwarding workers' output (the JSON line
-    must stay last), and with the in-worker timing hook (``worker_timing``) if ``timing``.
+    ``dashboard`` says, no preemption watcher, the job's runtime environment), without
+    forwarding workers' output (the JSON line must stay last), and with the in-worker
+    timing hook (``worker_timing``) if ``timing``.
     Reuses a Ray that is already running (e.g. the tests' fixture) and then leaves it
     running; shuts down only what it started."""
     import ray
