@@ -271,7 +271,7 @@ def _free_agent_port():
 @contextlib.contextmanager
 def local_ray(num_cpus: int | None = None, timing: bool = True, dashboard: bool = True):
     """An embedded Ray set up as ``cluster.connect`` sets it up (loopback, dashboard as
-    ``dashboard`` says, no preemption watcher, the job's runtime environment), without
+    ``dashboard`` says, ``EMBEDDED_RAY_ENV``, the job's runtime environment), without
     forwarding workers' output (the JSON line must stay last), and with the in-worker
     timing hook (``worker_timing``) if ``timing``.
     Reuses a Ray that is already running (e.g. the tests' fixture) and then leaves it
@@ -282,11 +282,11 @@ def local_ray(num_cpus: int | None = None, timing: bool = True, dashboard: bool 
         yield False
         return
     from benchmarks import worker_timing
-    from cluster.connect import embedded_ray_options, forget_dashboard_address, job_runtime_env
+    from cluster.connect import embedded_ray_options, forget_dashboard_address, job_runtime_env, set_embedded_ray_env
 
     runtime_env = {**(job_runtime_env() or {}), **(worker_timing.runtime_env() if timing else {})} or None
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as cluster.connect
+    set_embedded_ray_env()  # as cluster.connect
     # Ray's worker processes inherit this environment: let them import ``benchmarks``
     # (the timing hook, benchmark-defined Tune functions) from this checkout.
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)

@@ -11,7 +11,7 @@ from cluster import connect as connect_mod
 
 def test_embedded_ray_gets_its_settings_before_it_starts(monkeypatch):
     seen = {}
-    keys = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_API_SERVER_ADDRESS")
+    keys = (*connect_mod.EMBEDDED_RAY_ENV, "RAY_API_SERVER_ADDRESS")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update({k: os.environ.get(k) for k in keys},
                                                               port=kw["dashboard_port"], runtime_env=kw["runtime_env"]))
@@ -20,8 +20,11 @@ def test_embedded_ray_gets_its_settings_before_it_starts(monkeypatch):
     for key in keys:
         monkeypatch.setenv(key, "x")  # recorded, so restored after the test
         monkeypatch.delenv(key)
+    monkeypatch.setenv("RAY_event_stats", "1")  # a user's own value wins
     connect_mod.connect()
     assert seen["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert seen["RAY_enable_metrics_collection"] == "0"  # nothing reads an embedded Ray's metrics
+    assert seen["RAY_event_stats"] == "1"
     # Every Ray process (Ray Train's placement-group cleaner among them) finds this
     # cluster's state API, not another Ray's on the same machine.
     assert seen["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{seen['port']}"
@@ -50,10 +53,12 @@ def test_a_running_cluster_keeps_its_own_train_settings(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
     monkeypatch.setattr(connect_mod, "_check_reachable", lambda address: None)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the user's own glibc setting wins
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # recorded, so restored after the test
-    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    for key in connect_mod.EMBEDDED_RAY_ENV:
+        monkeypatch.setenv(key, "x")  # recorded, so restored after the test
+        monkeypatch.delenv(key)
     connect_mod.connect("127.0.0.1:6379")
-    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # preemption is real on cloud clusters
+    # preemption is real on cloud clusters, and their metrics may be watched
+    assert not set(connect_mod.EMBEDDED_RAY_ENV) & set(os.environ)
     assert seen["runtime_env"] is None
 
 

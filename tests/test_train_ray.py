@@ -29,6 +29,10 @@ def test_digits_two_workers_reaches_095_and_writes_results(tmp_path):
     assert history.schema.equals(HISTORY_SCHEMA)
     assert history.column("epoch").to_pylist() == list(range(1, 13))
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # A fit given no Ray Dataset starts no Ray Data resource broker (LeanTorchTrainer).
+    from ray.util.state import list_actors
+
+    assert not [a.class_name for a in list_actors(limit=10_000) if "AutoscalingCoordinator" in a.class_name]
     # Users read it with their own tools.
     import duckdb
     import polars as pl
