@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from trainers.augment import alternating_flips
 from trainers.config import ModelConfig, TrainRunConfig
 from trainers.data import ImageData, Split
 from trainers.memory import keep_freed_memory
@@ -33,7 +34,8 @@ from trainers.models import build_model
 @dataclass(frozen=True)
 class Recipe:
     """Nesterov SGD with a triangular or one-cycle rate, a larger rate for BatchNorm shifts,
-    Lookahead, label smoothing, random crop of the zero-padded image and horizontal flip:
+    Lookahead, label smoothing, random crop of the zero-padded image and horizontal flip
+    (at random, or alternating):
     the recipe of ``examples/cifar10_fast.yaml``."""
 
     model: str = "fast_cifar"
@@ -49,6 +51,7 @@ class Recipe:
     label_smoothing: float = 0.2
     crop_padding: int = 2
     flip: float = 0.5
+    alternate_flip: bool = False
     precision: str = "fp32"  # fp32 | bf16
     channels_last: bool = True
     seed: int = 0
@@ -73,6 +76,7 @@ class Recipe:
                    warmup_epochs=o.warmup_epochs, norm_bias_lr_scale=o.norm_bias_lr_scale,
                    lookahead_every=o.lookahead_every,
                    label_smoothing=cfg.loss.label_smoothing, crop_padding=a.crop_padding, flip=a.flip,
+                   alternate_flip=a.alternate_flip,
                    precision=precision, channels_last=cfg.train.channels_last, seed=cfg.train.seed)
 
     def to_dict(self) -> dict:
@@ -130,9 +134,10 @@ def accuracy(net, prepare, fmt, split: Split, precision: str, tta: str = "none",
     return correct / max(1, len(split))
 
 
-def crop_flip(x: torch.Tensor, pad: int, flip: float, gen: torch.Generator) -> torch.Tensor:
+def crop_flip(x: torch.Tensor, pad: int, flip: float, gen: torch.Generator, flips: torch.Tensor | None = None
+              ) -> torch.Tensor:
     """airbench-style: translate by up to ``pad`` pixels (zero fill), one masked copy per
-    vertical then per horizontal offset; mirror with probability ``flip``."""
+    vertical then per horizontal offset; mirror with probability ``flip``, or where ``flips``."""
     n, _, h, w = x.shape
     if pad:
         padded = F.pad(x, (pad,) * 4)
@@ -147,8 +152,8 @@ def crop_flip(x: torch.Tensor, pad: int, flip: float, gen: torch.Generator) -> t
             m = dx == s
             out[m] = rows[m, :, :, s:s + w]
         x = out
-    if flip > 0:
-        m = torch.rand(n, generator=gen) < flip
+    if flips is not None or flip > 0:
+        m = flips if flips is not None else torch.rand(n, generator=gen) < flip
         x = torch.where(m[:, None, None, None], x.flip(3), x)
     return x
 
@@ -175,7 +180,7 @@ class Plain:
         self.opt, self.schedule = build_optimizer(self.net, optim_config(recipe), steps_per_epoch, epochs)
         self.lookahead = (Lookahead(self.net, recipe.lookahead_every, steps_per_epoch * epochs)
                           if recipe.lookahead_every else None)
-        self.epochs_left = epochs
+        self.epochs_left, self.epochs_done = epochs, 0
         self.gen = torch.Generator().manual_seed(recipe.seed)
         self.first_batch_t: float | None = None
 
@@ -187,11 +192,13 @@ class Plain:
         r, train = self.recipe, self.data.train
         start = time.perf_counter()
         self.net.train()
+        self.epochs_done += 1
+        flips = alternating_flips(len(train), self.epochs_done, r.seed) if r.alternate_flip else None
         for idx in torch.randperm(len(train), generator=self.gen).split(r.batch_size):
             if self.first_batch_t is None:
                 self.first_batch_t = time.time()
-            x = crop_flip(self.prepare(train.x[idx]), r.crop_padding, r.flip, self.gen).contiguous(
-                memory_format=self.fmt)
+            x = crop_flip(self.prepare(train.x[idx]), r.crop_padding, r.flip, self.gen,
+                          None if flips is None else flips[idx]).contiguous(memory_format=self.fmt)
             with amp(r.precision):
                 logits = self.net(x)
             loss = F.cross_entropy(logits.float(), train.y[idx], label_smoothing=r.label_smoothing)

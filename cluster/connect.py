@@ -97,6 +97,11 @@ EMBEDDED_RAY_ENV = {
     "RAY_metrics_report_interval_ms": "60000",
     "RAY_event_stats": "0",
     "RAY_io_context_event_loop_lag_collection_interval_ms": "60000",
+    # Ray's log monitor (which forwards workers' output to the driver) globs the log
+    # directory for new files every 0.1 s while it holds fewer than this many; at 0 it does
+    # so every 0.5 s, and still reads the files it knows every 0.1 s: 0.4-0.55% of a core
+    # instead of 0.7-1.15% (idle, 2026-11-30, two 20 s runs each).
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
 }
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainers.augment import augment_batch, random_affine, random_crop, random_flip
+from trainers.augment import alternating_flips, augment_batch, random_affine, random_crop, random_flip
 from trainers.config import AugmentConfig
 
 
@@ -42,6 +42,16 @@ def test_flip_half_mirrors_some_and_keeps_others():
     y = random_flip(x, 0.5, _gen())
     flipped = [(torch.equal(a, b.flip(2))) for a, b in zip(y, x)]
     assert 60 < sum(flipped) < 140
+
+
+def test_alternating_flip_shows_each_image_the_other_way_round_every_epoch():
+    first, second, third = (alternating_flips(200, epoch, seed=3) for epoch in (1, 2, 3))
+    assert torch.equal(second, ~first) and torch.equal(third, first)
+    assert 60 < int(first.sum()) < 140  # a random half, not a pattern
+    assert not torch.equal(alternating_flips(200, 1, seed=4), first)
+    x = _batch(n=200)
+    y = augment_batch(x, AugmentConfig(flip=0.5, alternate_flip=True), _gen(), flips=first)
+    assert all(torch.equal(b, a.flip(2) if f else a) for a, b, f in zip(x, y, first))
 
 
 def test_crop_is_a_translated_window_of_the_padded_image():

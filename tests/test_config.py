@@ -14,6 +14,13 @@ def test_defaults_train_simple_cnn_on_digits():
     assert TrainRunConfig.from_dict(cfg.to_dict()) == cfg  # travels to workers as a dict
 
 
+def test_alternating_flip_needs_half_the_images_flipped():
+    with pytest.raises(ConfigError) as err:
+        load_run_config(None, ["augment.alternate_flip=true", "augment.flip=0.3"])
+    assert err.value.problems == ["augment.alternate_flip: true flips each image every other epoch, so it needs flip "
+                                  "0.5, not 0.3; set flip: 0.5 or alternate_flip: false"]
+
+
 def test_every_problem_is_reported_at_once_with_field_value_and_fix():
     with pytest.raises(ConfigError) as err:
         load_run_config(None, ["model.name=vgg", "optim.lr=-1", "train.epochs=ten", "data.colour=1",

@@ -157,13 +157,17 @@ class AugmentConfig:
 
     ``rotation`` in degrees (uniform in ±rotation), ``shift`` as a fraction of width and
     height, ``flip`` the probability of a horizontal flip, ``crop_padding`` in pixels
-    (random crop of the zero-padded image).
+    (random crop of the zero-padded image). ``alternate_flip`` (with ``flip`` 0.5): a fixed
+    random half of the images is flipped in odd epochs and the other half in even ones, so
+    each epoch shows every image the other way round from the epoch before (airbench's
+    alternating flip: less repetition than a fresh coin per image and epoch).
     """
 
     rotation: float = 0.0
     shift: float = 0.0
     flip: float = 0.0
     crop_padding: int = 0
+    alternate_flip: bool = False
 
     def problems(self) -> list[str]:
         return _drop_none(
@@ -172,6 +176,9 @@ class AugmentConfig:
                 range_problem("shift", self.shift, 0.0, 0.5),
                 range_problem("flip", self.flip, 0.0, 1.0),
                 range_problem("crop_padding", self.crop_padding, 0, 64),
+                (f"alternate_flip: true flips each image every other epoch, so it needs flip 0.5, not "
+                 f"{self.flip!r}; set flip: 0.5 or alternate_flip: false")
+                if self.alternate_flip and self.flip != 0.5 else None,
             ]
         )
 

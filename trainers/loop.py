@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from trainers.augment import augment_batch
+from trainers.augment import alternating_flips, augment_batch
 from trainers.config import TrainRunConfig
 from trainers.data import ImageData, Split
 from trainers.losses import compute_loss, l1_penalty
@@ -115,9 +115,10 @@ class Model:
 
 
 def train_one_epoch(model: Model, shard: Split, cfg: TrainRunConfig, optimizer, scheduler, local_batch: int,
-                    gen: torch.Generator, precision: str, scaler=None, lookahead: Lookahead | None = None
-                    ) -> EpochStats:
-    """One pass over this rank's shard: shuffle, augment, forward, loss + L1, step."""
+                    gen: torch.Generator, precision: str, scaler=None, lookahead: Lookahead | None = None,
+                    flips: torch.Tensor | None = None) -> EpochStats:
+    """One pass over this rank's shard: shuffle, augment, forward, loss + L1, step.
+    ``flips``: which shard images to flip this epoch (alternating flip), else drawn."""
     device = shard.x.device
     start = time.perf_counter()
     model.net.train()
@@ -126,7 +127,7 @@ def train_one_epoch(model: Model, shard: Split, cfg: TrainRunConfig, optimizer, 
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     order = torch.randperm(len(shard), device=device, generator=gen)
     for step, idx in enumerate(order.split(local_batch)):
-        x = augment_batch(model.prepare(shard.x[idx]), cfg.augment, gen)
+        x = augment_batch(model.prepare(shard.x[idx]), cfg.augment, gen, None if flips is None else flips[idx])
         with autocast_for(precision, device):
             logits = model.net(x)
             loss = compute_loss(logits, shard.y[idx], cfg.loss)
@@ -260,8 +261,10 @@ def fit(cfg: TrainRunConfig, data: ImageData, ctx: WorkerContext, reporter: Repo
     for epoch in range(first_epoch, cfg.train.epochs + 1):
         gen = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + epoch * 1009 + ctx.rank)
         lr = optimizer.param_groups[0]["lr"]
+        flips = (alternating_flips(len(train), epoch, cfg.train.seed * 100_003 + ctx.rank, device)
+                 if cfg.augment.alternate_flip else None)
         stats = train_one_epoch(model, train, cfg, optimizer, scheduler, local_batch, gen, precision, scaler,
-                                lookahead)
+                                lookahead, flips)
         if lookahead is not None and epoch == cfg.train.epochs:
             lookahead.finish()  # the last epoch ends on the slow weights
         eval_start = time.perf_counter()
