@@ -426,7 +426,7 @@ def run_predict(req: PredictRequest) -> dict:
     shape = tuple(int(s) for s in meta["image_shape"])
     cfg = TrainRunConfig.from_dict(meta["config"])
     inputs = plan_inputs(req.data, meta, cfg.data)
-    connect(req.address)
+    connect(req.address, dashboard=False)  # as `raysweep train`: nothing here uses Ray's state API
     actors = pool_size(req)
     print(f"raysweep predict: {inputs.count} input(s) from {inputs.describe} ({inputs.labelled} labelled); "
           f"model {cfg.model.name} {'x'.join(map(str, shape))}, {len(classes)} classes, from {how}: {where}; "
