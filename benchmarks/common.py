@@ -282,11 +282,10 @@ def local_ray(num_cpus: int | None = None, timing: bool = True, dashboard: bool 
         yield False
         return
     from benchmarks import worker_timing
-    from cluster.connect import embedded_ray_options, forget_dashboard_address, job_runtime_env, set_embedded_ray_env
+    from cluster.connect import embedded_ray_options, forget_dashboard_address, job_runtime_env
 
     runtime_env = {**(job_runtime_env() or {}), **(worker_timing.runtime_env() if timing else {})} or None
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    set_embedded_ray_env()  # as cluster.connect
     # Ray's worker processes inherit this environment: let them import ``benchmarks``
     # (the timing hook, benchmark-defined Tune functions) from this checkout.
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)

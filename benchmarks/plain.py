@@ -180,7 +180,7 @@ class Plain:
         self.opt, self.schedule = build_optimizer(self.net, optim_config(recipe), steps_per_epoch, epochs)
         self.lookahead = (Lookahead(self.net, recipe.lookahead_every, steps_per_epoch * epochs)
                           if recipe.lookahead_every else None)
-        self.epochs_left, self.epochs_done = epochs, 0
+        self.epochs, self.epochs_left = epochs, epochs
         self.gen = torch.Generator().manual_seed(recipe.seed)
         self.first_batch_t: float | None = None
 
@@ -192,8 +192,8 @@ class Plain:
         r, train = self.recipe, self.data.train
         start = time.perf_counter()
         self.net.train()
-        self.epochs_done += 1
-        flips = alternating_flips(len(train), self.epochs_done, r.seed) if r.alternate_flip else None
+        epoch = self.epochs - self.epochs_left + 1
+        flips = alternating_flips(len(train), epoch, r.seed) if r.alternate_flip else None
         for idx in torch.randperm(len(train), generator=self.gen).split(r.batch_size):
             if self.first_batch_t is None:
                 self.first_batch_t = time.time()

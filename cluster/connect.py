@@ -92,7 +92,8 @@ EMBEDDED_RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     # Ray's own metrics (Prometheus export through the dashboard agent) and event-loop
     # statistics: nothing reads them on an embedded Ray. With 3 idle actors, Ray's processes
-    # used ~4.2% of a core with these off vs ~5.9% with Ray's defaults (2026-11-30, 30 s each).
+    # used 4.2-5.1% of a core with these off vs 5.6-6.1% with Ray's defaults (2026-11-30,
+    # two 30 s runs each).
     "RAY_enable_metrics_collection": "0",
     "RAY_metrics_report_interval_ms": "60000",
     "RAY_event_stats": "0",
@@ -105,7 +106,7 @@ EMBEDDED_RAY_ENV = {
 }
 
 
-def set_embedded_ray_env() -> None:
+def _set_embedded_ray_env() -> None:
     """Before starting an embedded Ray: ``EMBEDDED_RAY_ENV``, a user's own values winning."""
     for key, value in EMBEDDED_RAY_ENV.items():
         os.environ.setdefault(key, value)
@@ -113,12 +114,14 @@ def set_embedded_ray_env() -> None:
 
 def embedded_ray_options(dashboard: bool = True, **overrides) -> dict:
     """``ray.init`` keywords for a Ray this process starts itself (the CLI's, the tests',
-    the benchmarks'): loopback dashboard, quiet logs, the job's runtime environment.
+    the benchmarks'): loopback dashboard, quiet logs, the job's runtime environment; sets
+    ``EMBEDDED_RAY_ENV`` (``_set_embedded_ray_env``) for the processes it will start.
 
     ``dashboard``: Ray Train's cleanup of stopped Tune trials needs the dashboard's state
     API. A single fit does not, and the dashboard's processes are not free: in one
     alternating run on 2 cores (2026-11-29), `raysweep train` epochs took 1.087x a plain
     loop's (no Ray) with it and 1.062x without it."""
+    _set_embedded_ray_env()
     shown = {"dashboard_host": "127.0.0.1", "dashboard_port": pin_dashboard_address()} if dashboard else {}
     return {"include_dashboard": dashboard, **shown, "logging_level": logging.WARNING,
             "runtime_env": job_runtime_env(), **overrides}
@@ -134,7 +137,6 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         _check_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=job_runtime_env())
         return
-    set_embedded_ray_env()
     ray.init(**embedded_ray_options(dashboard=dashboard, num_cpus=num_cpus, num_gpus=num_gpus))
     secure_token_file()  # Ray writes a new token file with the umask's mode (0644 here)
 

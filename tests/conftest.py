@@ -22,9 +22,8 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    from cluster.connect import embedded_ray_options, forget_dashboard_address, set_embedded_ray_env
+    from cluster.connect import embedded_ray_options, forget_dashboard_address
 
-    set_embedded_ray_env()  # the settings `raysweep` gives the Ray it starts
     ray.init(**embedded_ray_options(num_cpus=2))
     yield ray
     ray.shutdown()
