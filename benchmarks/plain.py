@@ -52,6 +52,7 @@ class Recipe:
     crop_padding: int = 2
     flip: float = 0.5
     alternate_flip: bool = False
+    fill: str = "zeros"
     precision: str = "fp32"  # fp32 | bf16
     channels_last: bool = True
     seed: int = 0
@@ -76,7 +77,7 @@ class Recipe:
                    warmup_epochs=o.warmup_epochs, norm_bias_lr_scale=o.norm_bias_lr_scale,
                    lookahead_every=o.lookahead_every,
                    label_smoothing=cfg.loss.label_smoothing, crop_padding=a.crop_padding, flip=a.flip,
-                   alternate_flip=a.alternate_flip,
+                   alternate_flip=a.alternate_flip, fill=a.fill,
                    precision=precision, channels_last=cfg.train.channels_last, seed=cfg.train.seed)
 
     def to_dict(self) -> dict:
@@ -134,13 +135,23 @@ def accuracy(net, prepare, fmt, split: Split, precision: str, tta: str = "none",
     return correct / max(1, len(split))
 
 
-def crop_flip(x: torch.Tensor, pad: int, flip: float, gen: torch.Generator, flips: torch.Tensor | None = None
-              ) -> torch.Tensor:
-    """airbench-style: translate by up to ``pad`` pixels (zero fill), one masked copy per
-    vertical then per horizontal offset; mirror with probability ``flip``, or where ``flips``."""
+def _pad(x: torch.Tensor, pad: int, fill: str) -> torch.Tensor:
+    """Zero padding, or (``reflection``) the edge mirrored with the edge pixel repeated, as
+    raysweep's grid_sample resample reads pixels outside the image."""
+    if fill == "zeros":
+        return F.pad(x, (pad,) * 4)
+    x = torch.cat([x[..., :pad].flip(-1), x, x[..., -pad:].flip(-1)], -1)
+    return torch.cat([x[..., :pad, :].flip(-2), x, x[..., -pad:, :].flip(-2)], -2)
+
+
+def crop_flip(x: torch.Tensor, pad: int, flip: float, gen: torch.Generator, flips: torch.Tensor | None = None,
+              fill: str = "zeros") -> torch.Tensor:
+    """airbench-style: translate by up to ``pad`` pixels (``fill``: zeros or reflection), one
+    masked copy per vertical then per horizontal offset; mirror with probability ``flip``,
+    or where ``flips``."""
     n, _, h, w = x.shape
     if pad:
-        padded = F.pad(x, (pad,) * 4)
+        padded = _pad(x, pad, fill)
         dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
         dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
         rows = torch.empty_like(padded[:, :, :h, :])
@@ -198,7 +209,7 @@ class Plain:
             if self.first_batch_t is None:
                 self.first_batch_t = time.time()
             x = crop_flip(self.prepare(train.x[idx]), r.crop_padding, r.flip, self.gen,
-                          None if flips is None else flips[idx]).contiguous(memory_format=self.fmt)
+                          None if flips is None else flips[idx], r.fill).contiguous(memory_format=self.fmt)
             with amp(r.precision):
                 logits = self.net(x)
             loss = F.cross_entropy(logits.float(), train.y[idx], label_smoothing=r.label_smoothing)

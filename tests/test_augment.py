@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,35 @@ def test_augmentation_is_seeded():
     x = _batch()
     cfg = AugmentConfig(rotation=10, shift=0.1, flip=0.5, crop_padding=2)
     assert torch.equal(augment_batch(x, cfg, _gen(3)), augment_batch(x, cfg, _gen(3)))
+
+
+def test_reflection_fill_crop_is_a_window_of_the_mirrored_image():
+    """grid_sample's reflection repeats the edge pixel: numpy's ``symmetric`` padding."""
+    x = _batch(n=16)
+    y = augment_batch(x, AugmentConfig(crop_padding=2, fill="reflection"), _gen())
+    padded = torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)), mode="symmetric"))
+    for img, pad in zip(y, padded):
+        windows = [pad[:, dy:dy + 12, dx:dx + 12] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(img, w) for w in windows)
+    assert (y == 0).sum() == 0  # nothing comes from a zero border
+
+
+@pytest.mark.parametrize("fill", ["zeros", "reflection"])
+def test_the_benchmarks_plain_loop_crops_and_flips_exactly_as_raysweep(fill):
+    """benchmarks.plain.crop_flip (pad + masked copies) against the fused resample: the same
+    draws give the same batch, so the cifar10 benchmark's two sides see the same images."""
+    from benchmarks.plain import crop_flip
+
+    x = _batch(n=64)
+    ours = augment_batch(x, AugmentConfig(crop_padding=2, flip=0.5, fill=fill), _gen(5))
+    assert torch.equal(ours, crop_flip(x, 2, 0.5, _gen(5), fill=fill))
+
+
+def test_reflection_fill_with_rotation_leaves_no_blank_corners():
+    x = _batch(n=16) + 1
+    zeros = augment_batch(x, AugmentConfig(rotation=45, crop_padding=2), _gen())
+    mirrored = augment_batch(x, AugmentConfig(rotation=45, crop_padding=2, fill="reflection"), _gen())
+    assert (zeros == 0).sum() > 0 and (mirrored == 0).sum() == 0
 
 
 def _reference(x, cfg, gen):

@@ -21,6 +21,12 @@ def test_alternating_flip_needs_half_the_images_flipped():
                                   "0.5, not 0.3; set flip: 0.5 or alternate_flip: false"]
 
 
+def test_an_unknown_fill_names_the_choices():
+    with pytest.raises(ConfigError) as err:
+        load_run_config(None, ["augment.fill=reflect"])
+    assert err.value.problems == ["augment.fill: 'reflect' is not a known fill; choose one of: reflection, zeros"]
+
+
 def test_every_problem_is_reported_at_once_with_field_value_and_fix():
     with pytest.raises(ConfigError) as err:
         load_run_config(None, ["model.name=vgg", "optim.lr=-1", "train.epochs=ten", "data.colour=1",

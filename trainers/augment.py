@@ -11,6 +11,11 @@ over the pixels instead of one per augmentation. The result equals applying
 ``random_crop``, ``random_flip`` and ``random_affine`` in turn with the same generator
 (up to float rounding), because it draws the same random numbers in the same order and
 keeps the crop's zero border (see ``_crop_window_mask``).
+
+With ``fill: reflection`` every pixel that comes from outside the image is read from the
+image mirrored at its edge (grid_sample's reflection: the edge pixel repeats, so a crop
+shifted by 2 shows columns 1, 0, 0, 1, 2, ...). Combined with rotation, the fused
+resample mirrors about the original image's edge, not the crop window's.
 """
 
 from __future__ import annotations
@@ -122,11 +127,11 @@ def _apply(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, flips: tor
     grid = _affine_grid(_theta(d, n, h, w, x.device, x.dtype), h, w)
     fmt = _fmt(x)
     if d.angle is None:
-        out = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        out = F.grid_sample(x, grid, mode="nearest", padding_mode=cfg.fill, align_corners=False)
     else:
-        if d.dy is not None:
+        if d.dy is not None and cfg.fill == "zeros":
             x = x * _crop_window_mask(d, h, w, x.dtype)
-        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode=cfg.fill, align_corners=False)
     return out.contiguous(memory_format=fmt)
 
 

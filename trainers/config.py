@@ -151,6 +151,9 @@ class LossConfig:
         )
 
 
+FILLS = ("zeros", "reflection")  # F.grid_sample's padding modes that augmentation offers
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Batch-wise training augmentation; 0 turns each one off.
@@ -160,7 +163,9 @@ class AugmentConfig:
     (random crop of the zero-padded image). ``alternate_flip`` (with ``flip`` 0.5): a fixed
     random half of the images is flipped in odd epochs and the other half in even ones, so
     each epoch shows every image the other way round from the epoch before (airbench's
-    alternating flip: less repetition than a fresh coin per image and epoch).
+    alternating flip: less repetition than a fresh coin per image and epoch). ``fill``: what
+    the pixels moved in from outside the image show, ``zeros`` (the data mean, once
+    normalised) or ``reflection`` (the image mirrored at its edge, like airbench's padding).
     """
 
     rotation: float = 0.0
@@ -168,6 +173,7 @@ class AugmentConfig:
     flip: float = 0.0
     crop_padding: int = 0
     alternate_flip: bool = False
+    fill: str = "zeros"
 
     def problems(self) -> list[str]:
         return _drop_none(
@@ -176,6 +182,7 @@ class AugmentConfig:
                 range_problem("shift", self.shift, 0.0, 0.5),
                 range_problem("flip", self.flip, 0.0, 1.0),
                 range_problem("crop_padding", self.crop_padding, 0, 64),
+                choice_problem("fill", self.fill, FILLS, "fill"),
                 (f"alternate_flip: true flips each image every other epoch, so it needs flip 0.5, not "
                  f"{self.flip!r}; set flip: 0.5 or alternate_flip: false")
                 if self.alternate_flip and self.flip != 0.5 else None,
