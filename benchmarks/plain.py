@@ -84,14 +84,14 @@ class Recipe:
         return asdict(self)
 
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cifar10_fast.yaml"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def example_config(overrides: list[str]) -> TrainRunConfig:
-    """``examples/cifar10_fast.yaml`` with ``section.key=value`` overrides."""
+def example_config(overrides: list[str], example: str = "cifar10_fast") -> TrainRunConfig:
+    """``examples/<example>.yaml`` with ``section.key=value`` overrides."""
     from trainers.config import load_run_config
 
-    return load_run_config(str(EXAMPLE), overrides)
+    return load_run_config(str(EXAMPLES / f"{example}.yaml"), overrides)
 
 
 def optim_config(recipe: Recipe):

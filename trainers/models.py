@@ -181,3 +181,11 @@ class FastCifarNet(nn.Module):
 def fast_cifar(cfg: ModelConfig, channels: int, image_size: int, num_classes: int) -> nn.Module:
     widths = tuple(w * cfg.width for w in (64, 256, 256))
     return FastCifarNet(channels, num_classes, widths, cfg.dropout)
+
+
+@MODELS.register("fast_cifar95")
+def fast_cifar95(cfg: ModelConfig, channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """airbench95's widths (128/384/384): about 2.5x fast_cifar's compute per image, for
+    more accuracy in the same number of epochs."""
+    widths = tuple(w * cfg.width for w in (128, 384, 384))
+    return FastCifarNet(channels, num_classes, widths, cfg.dropout)
