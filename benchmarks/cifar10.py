@@ -188,7 +188,7 @@ def run(mode: str = "full") -> Result:
         f"{recipe.model}, {precision}, batch {recipe.batch_size}, lr {recipe.lr} {recipe.schedule} (warm-up "
         f"{recipe.warmup_epochs:g} epochs, 0 = the schedule's own), Nesterov momentum {recipe.momentum}, weight decay "
         f"{recipe.weight_decay}, BatchNorm shift rate x{recipe.norm_bias_lr_scale:g}, Lookahead every "
-        f"{recipe.lookahead_every} steps, label smoothing {recipe.label_smoothing}, crop pad {recipe.crop_padding} + "
+        f"{recipe.lookahead_every} steps, label smoothing {recipe.label_smoothing}, crop pad {recipe.crop_padding} ({recipe.fill}) + "
         f"{'alternating ' if recipe.alternate_flip else ''}flip; {n_train} training / {n_test} test images"
         f"{' (generated)' if mode == 'smoke' else ''}; {threads} threads on both sides",
         f"epoch time (median of epochs 2.., evaluation included) raysweep / plain = {ratio:.3f} "
