@@ -208,7 +208,8 @@ class Plain:
         for idx in torch.randperm(len(train), generator=self.gen).split(r.batch_size):
             if self.first_batch_t is None:
                 self.first_batch_t = time.time()
-            x = crop_flip(self.prepare(train.x[idx]), r.crop_padding, r.flip, self.gen,
+            # index_select as raysweep's loop does (x[idx] is ~20x slower on CPU): the same data work
+            x = crop_flip(self.prepare(train.x.index_select(0, idx)), r.crop_padding, r.flip, self.gen,
                           None if flips is None else flips[idx], r.fill).contiguous(memory_format=self.fmt)
             with amp(r.precision):
                 logits = self.net(x)
