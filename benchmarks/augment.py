@@ -23,7 +23,7 @@ TARGET = 20.0
 ROTATION, SHIFT, FLIP, PAD = 15.0, 0.1, 0.5, 4
 
 # passes: the batched side's passes per sample, so that its samples last about as long as
-# the DataLoader's (a single batched pass takes ~40 ms here, where a stray wake-up of
+# the DataLoader's (a single batched pass takes ~30-50 ms here, where a stray wake-up of
 # another process shows as a 2-3x slower sample).
 SIZES = {
     "full": dict(images=4096, batch=512, reps=5, passes=10),
@@ -115,9 +115,9 @@ def run(mode: str = "full") -> Result:
         headers=["side", "images/s", "s per pass", "spread s", f"x {best_loader}"], rows=rows,
         notes=[f"{size['images']} uint8 3x32x32 images, batch {bs}: crop (pad {PAD}), flip p={FLIP}, rotation "
                f"+-{ROTATION:g} deg and shift +-{SHIFT:g} (bilinear), to float, standardise; {threads} torch "
-               f"threads; raysweep's malloc setting on both sides; 1 warm-up sample then {size['reps']} alternating samples "
-               f"per side, medians; a DataLoader sample is one pass, a batched one the mean of {size['passes']} "
-               f"passes in a row"],
+               f"threads; raysweep's malloc setting on both sides; 1 warm-up sample then {size['reps']} "
+               f"alternating samples per side, medians; a DataLoader sample is one pass, a batched one the "
+               f"mean of {size['passes']} passes in a row"],
         details={"images_per_second": ips, "seconds": samples, "ratio": ratio, "against": best_loader,
                  "threads": threads, "images": size["images"], "batch": bs, "batched_passes": size["passes"],
                  "seconds_total": time.perf_counter() - t0},

@@ -2,8 +2,9 @@
 (1 worker) against the plain loop of `overhead`, same recipe: test accuracy after every
 epoch against cumulative training seconds. ``full`` trains the wider ``fast_cifar95``
 (``examples/cifar10_95.yaml``; ``fast_cifar``'s 10-epoch runs reached 0.906-0.907),
-``quick`` the smaller ``examples/cifar10_fast.yaml``. Target: >= 91% test accuracy within 10 epochs (flip test-time
-augmentation allowed) with raysweep's epoch time <= 1.05x the plain loop's.
+``quick`` the smaller ``examples/cifar10_fast.yaml``. Target: >= 91% test accuracy within
+10 epochs (flip test-time augmentation allowed) with raysweep's epoch time <= 1.05x the
+plain loop's.
 
 Both sides train on all 50,000 training images and score the 10,000 test images after
 every epoch (raysweep's validation split is the test set here, so its per-epoch
@@ -188,7 +189,8 @@ def run(mode: str = "full") -> Result:
         f"{recipe.model}, {precision}, batch {recipe.batch_size}, lr {recipe.lr} {recipe.schedule} (warm-up "
         f"{recipe.warmup_epochs:g} epochs, 0 = the schedule's own), Nesterov momentum {recipe.momentum}, weight decay "
         f"{recipe.weight_decay}, BatchNorm shift rate x{recipe.norm_bias_lr_scale:g}, Lookahead every "
-        f"{recipe.lookahead_every} steps, label smoothing {recipe.label_smoothing}, crop pad {recipe.crop_padding} ({recipe.fill}) + "
+        f"{recipe.lookahead_every} steps, label smoothing {recipe.label_smoothing}, "
+        f"crop pad {recipe.crop_padding} ({recipe.fill}) + "
         f"{'alternating ' if recipe.alternate_flip else ''}flip; {n_train} training / {n_test} test images"
         f"{' (generated)' if mode == 'smoke' else ''}; {threads} threads on both sides",
         f"epoch time (median of epochs 2.., evaluation included) raysweep / plain = {ratio:.3f} "

@@ -9,8 +9,8 @@ the same initial weights with the same updates. Also shared: raysweep's malloc s
 (``trainers.memory.keep_freed_memory``), so a comparison with raysweep measures Ray's cost
 alone; the ``overhead`` benchmark measures what the setting itself is worth.
 
-``Recipe`` holds the training recipe once; ``Recipe.run_config`` turns it into the
-raysweep config that trains the same way.
+``Recipe`` holds the training recipe once; ``Recipe.from_config`` reads it from the raysweep
+config it is to follow, and refuses what this loop does not implement.
 """
 
 from __future__ import annotations

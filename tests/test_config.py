@@ -34,7 +34,8 @@ def test_every_problem_is_reported_at_once_with_field_value_and_fix():
     problems = err.value.problems
     assert len(problems) == 7
     text = "\n".join(problems)
-    assert "model.name: 'vgg' is not a known model; choose one of: fast_cifar, fast_cifar95, resnet18, resnet50, simple_cnn" in text
+    assert ("model.name: 'vgg' is not a known model; choose one of: fast_cifar, fast_cifar95, resnet18, resnet50, "
+            "simple_cnn") in text
     assert "optim.lr: -1.0 must be > 0.0" in text
     assert "train.epochs: 'ten' is not a valid int" in text
     assert "data.colour: unknown key; known keys here:" in text

@@ -6,7 +6,8 @@ import torch
 from trainers.config import ModelConfig
 from trainers.models import MODELS, ModelError, build_model
 
-SHAPES = {"simple_cnn": (1, 8), "resnet18": (3, 16), "resnet50": (3, 32), "fast_cifar": (3, 32), "fast_cifar95": (3, 32)}
+SHAPES = {"simple_cnn": (1, 8), "resnet18": (3, 16), "resnet50": (3, 32), "fast_cifar": (3, 32),
+          "fast_cifar95": (3, 32)}
 
 
 def test_every_registered_model_has_a_contract_shape():

@@ -160,7 +160,7 @@ class AugmentConfig:
 
     ``rotation`` in degrees (uniform in ±rotation), ``shift`` as a fraction of width and
     height, ``flip`` the probability of a horizontal flip, ``crop_padding`` in pixels
-    (random crop of the zero-padded image). ``alternate_flip`` (with ``flip`` 0.5): a fixed
+    (random crop of the padded image). ``alternate_flip`` (with ``flip`` 0.5): a fixed
     random half of the images is flipped in odd epochs and the other half in even ones, so
     each epoch shows every image the other way round from the epoch before (airbench's
     alternating flip: less repetition than a fresh coin per image and epoch). ``fill``: what
