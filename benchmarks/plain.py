@@ -210,10 +210,12 @@ class Plain:
                 self.first_batch_t = time.time()
             # index_select as raysweep's loop does (x[idx] is ~20x slower on CPU): the same data work
             x = crop_flip(self.prepare(train.x.index_select(0, idx)), r.crop_padding, r.flip, self.gen,
-                          None if flips is None else flips[idx], r.fill).contiguous(memory_format=self.fmt)
+                          None if flips is None else flips.index_select(0, idx), r.fill
+                          ).contiguous(memory_format=self.fmt)
+            y = train.y.index_select(0, idx)
             with amp(r.precision):
                 logits = self.net(x)
-            loss = F.cross_entropy(logits.float(), train.y[idx], label_smoothing=r.label_smoothing)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=r.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
