@@ -89,3 +89,32 @@ def test_raysweep_train_on_a_fresh_machine_starts_ray_without_the_dashboard(tmp_
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["code"] == 0 and not seen["webui"] and seen["api"] is None
     assert json.loads((tmp_path / "nodash" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_the_controller_polls_less_often_while_no_report_comes(monkeypatch):
+    """AdaptivePollController: 1.5x longer after each poll that brings no report, up to Ray's
+    2 s; back to the fastest after one that does. (Ray's worker group is stood in for: what
+    is tested is our interval, not Ray's polling.)"""
+    import asyncio
+
+    import pytest
+    from ray.train.v2._internal.execution.controller import TrainController
+    from ray.train.v2._internal.execution.worker_group.poll import WorkerGroupPollStatus, WorkerStatus
+
+    from trainers.distributed import AdaptivePollController
+
+    reports = iter([None] * 8 + ["a report", None])
+
+    async def poll(self):
+        return WorkerGroupPollStatus({0: WorkerStatus(running=True, training_report=next(reports))})
+
+    monkeypatch.setattr(TrainController, "_poll_workers", poll)
+    controller = object.__new__(AdaptivePollController)  # no Ray: only its interval is used
+    controller._health_check_interval_s = controller._fastest_s = 0.2
+    intervals = []
+    for _ in range(10):
+        asyncio.run(controller._poll_workers())
+        intervals.append(controller._health_check_interval_s)
+    assert intervals[:3] == pytest.approx([0.3, 0.45, 0.675])
+    assert intervals[6:8] == [2.0, 2.0]  # Ray's default is the slowest
+    assert intervals[8:] == pytest.approx([0.2, 0.3])  # a report: fast again

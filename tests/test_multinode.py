@@ -105,7 +105,7 @@ def test_a_searchs_trials_run_on_different_nodes(cluster, tmp_path):
     req = tune_cmd.TuneRequest(load_space("digits_cnn"), {}, search, str(tmp_path), "spread-search")
     tune_cmd.run(req)
     trials = [a for a in list_actors(limit=10_000) if a.actor_id not in before and a.class_name not in (
-        TRAIN_WORKER, "TrainController", "PlacementGroupCleaner") and "Func" in a.class_name]
+        TRAIN_WORKER, "AdaptivePollController", "PlacementGroupCleaner") and "Func" in a.class_name]
     nodes = {a.node_id for a in trials}
     print(f"{len(trials)} trial actors ({trials[0].class_name if trials else '-'}) on nodes {sorted(n[:8] for n in nodes)}")
     assert len(trials) == 3 and len(nodes) == 3

@@ -29,6 +29,12 @@ def test_digits_two_workers_reaches_095_and_writes_results(tmp_path):
     assert history.schema.equals(HISTORY_SCHEMA)
     assert history.column("epoch").to_pylist() == list(range(1, 13))
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # Checkpoints are written straight into the run directory, and Ray still deletes those
+    # it no longer keeps (the best and the latest).
+    kept = sorted(c for c in run.glob("checkpoint_*") if c.is_dir())
+    assert 1 <= len(kept) <= 2 and all((c / "state.pt").is_file() for c in kept), kept
+    assert not list(run.rglob("*.partial"))
+    assert summary["checkpoint"].rstrip("/").split("/")[-1] in {c.name for c in kept}
     # A fit given no Ray Dataset starts no Ray Data resource broker (LeanTorchTrainer).
     from ray.util.state import list_actors
 

@@ -25,8 +25,13 @@ class CheckpointError(ValueError):
 
 
 def save_state(state: dict, directory: str | Path) -> Path:
+    """Write ``state.pt`` into ``directory`` (made if missing). Written under another name
+    and renamed, so a process that dies while writing leaves no half file by that name."""
     path = Path(directory) / STATE_FILE
-    torch.save(state, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    partial.replace(path)
     return path
 
 

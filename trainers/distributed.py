@@ -12,15 +12,21 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, LoggingConfig, RunConfig,
+                       ScalingConfig)
+from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+                                               get_env_vars_to_propagate)
 from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
@@ -54,7 +60,17 @@ class RayTrainReporter:
         if state is None:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as directory:
+        storage = ray.train.get_context().get_storage()
+        if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+            # Saved straight into the run directory. Ray's upload would copy it there from a
+            # temporary one: a second write of the whole state (23 MB for fast_cifar with
+            # lookahead) that took 60-120 ms of each epoch on 2 cores.
+            name = storage.make_default_checkpoint_dir_name()
+            directory = save_state(state, Path(storage.experiment_fs_path) / name).parent
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory), checkpoint_dir_name=name,
+                             checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+            return
+        with tempfile.TemporaryDirectory() as directory:  # cloud storage: Ray uploads it
             save_state(state, directory)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
 
@@ -124,7 +140,8 @@ class Placement:
 RAY_TRAIN_ENV = {
     # The controller polls its workers every 2 s by default; a worker's report waits in
     # a one-slot queue for the next poll, and the end of a run is seen one poll late.
-    # That cost up to 2 s per epoch and ~2 s per fit; 0.2 s costs ~5 cheap RPCs a second.
+    # That cost up to 2 s per epoch and ~2 s per fit. AdaptivePollController polls every
+    # 0.2 s while reports come quickly, and less often while they do not.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     # Prometheus metrics callbacks on the controller and every worker: nothing reads them.
     "RAY_TRAIN_METRICS_ENABLED": "0",
@@ -180,16 +197,66 @@ class LeanTorchTrainer(ray.train.torch.TorchTrainer):
         if not self.datasets and type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:
             controller_init_kwargs["scaling_policy"] = _FixedScalingWithoutCoordinator(self.scaling_config)
         if not self.host_controller:
-            return super()._initialize_and_run_controller(**controller_init_kwargs)
+            return self._run_controller_actor(**controller_init_kwargs)
         if ray.get_runtime_context().get_actor_id() is None:
             raise RuntimeError("host_controller=True needs to run inside a Ray actor (e.g. a Tune trial)")
-        controller = TrainController(**controller_init_kwargs)
+        controller = AdaptivePollController(**controller_init_kwargs)
         try:
             asyncio.run(controller.run())
         except BaseException:  # e.g. SystemExit from tune.report: Tune is ending this trial
             _abort_workers(controller)
             raise
         return controller.get_result()
+
+
+    def _run_controller_actor(self, **controller_init_kwargs) -> ray.train.Result:
+        """Ray 2.60's ``DataParallelTrainer._initialize_and_run_controller``, with
+        ``AdaptivePollController`` as the controller actor's class."""
+        env_vars = get_env_vars_to_propagate()
+        env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+                            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+        actor_class = ray.remote(  # on the driver's node, as Ray places its own
+            num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
+            runtime_env={"env_vars": env_vars})(AdaptivePollController)
+        controller = actor_class.remote(**controller_init_kwargs)
+        if threading.current_thread() is threading.main_thread():
+            self._register_sigint_handler(controller)  # Ctrl-C aborts the run gracefully
+        ray.get(controller.run.remote())
+        return ray.get(controller.get_result.remote())
+
+
+class AdaptivePollController(TrainController):
+    """Ray's controller, polling its workers often only while their reports come often.
+
+    A worker's report waits in a one-slot queue until the controller's next poll, and a
+    second report blocks the worker until then; the end of a run is also seen at a poll. So
+    a short interval keeps short epochs and short trials moving, but each poll wakes the
+    controller and the worker's Ray threads: at 0.2 s, a sleeping 1-worker fit's controller
+    and worker took 1.3% and 1.4% of a core vs 0.65% and 0.85% at Ray's 2 s (2026-11-30),
+    which a 2-thread training step on 2 cores pays for in wall time.
+
+    Here the interval starts at ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (f), goes back to it
+    after every poll that brings a report, and grows 1.5x after every poll that brings none,
+    up to Ray's default of 2 s. Each gap is then at most half the time since the last
+    collected report plus f, so a report is collected within half an epoch plus f of being
+    made: before the next one, for epochs longer than 2f. A 9 s epoch costs ~9 polls
+    instead of ~45.
+    """
+
+    SLOWEST_S = 2.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fastest_s = self._health_check_interval_s
+
+    async def _poll_workers(self):
+        status = await super()._poll_workers()
+        if any(s.training_report is not None for s in status.worker_statuses.values()):
+            self._health_check_interval_s = self._fastest_s
+        else:
+            self._health_check_interval_s = min(1.5 * self._health_check_interval_s,
+                                                max(self.SLOWEST_S, self._fastest_s))
+        return status
 
 
 class _FixedScalingWithoutCoordinator(FixedScalingPolicy):
