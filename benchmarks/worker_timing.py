@@ -47,11 +47,12 @@ def _log(event: str, cpu: bool = False, **extra) -> None:
     t = time.time()
     if cpu:  # every process's CPU seconds (benchmarks.common.proc_cpu): who ran during the epoch.
         # ~10 ms; kept out of the training span (train_end's t is taken before it, train_start's
-        # after it), inside the epoch span (~20 ms an epoch, < 0.1% of the epochs measured here).
+        # after it); it falls inside the epoch span, and epoch_times subtracts it (probe_s).
         from benchmarks.common import minor_faults, proc_cpu
 
         extra["cpu"] = proc_cpu()
         extra["minflt"] = minor_faults()
+        extra["probe_s"] = time.time() - t  # the plain loop's epochs carry no such probe: epoch_times takes it out
         if event == "train_start":
             t = time.time()
     line = json.dumps({"event": event, "t": t, "pid": os.getpid(), "threads": torch.get_num_threads(), **extra})
@@ -119,12 +120,16 @@ class EventReader:
 def epoch_times(events: list[dict]) -> dict:
     """Per epoch of one worker's run: training seconds and wall seconds from one epoch's
     start to the next (training, evaluation, metrics, checkpoint and report), the last one
-    ending when its report returned."""
+    ending when its report returned, less the time of this module's own CPU probes."""
     starts = [e["t"] for e in events if e["event"] == "train_start"]
     ends = [e["t"] for e in events if e["event"] == "train_end"]
     reports = [e["t"] for e in events if e["event"] == "report_end"]
     n = min(len(starts), len(ends), len(reports))
-    walls = [starts[i + 1] - starts[i] for i in range(n - 1)] + ([reports[n - 1] - starts[n - 1]] if n else [])
+    # The probes at train_end i and at train_start i + 1 (taken before its t) fall in epoch i's span.
+    probes = {name: [e.get("probe_s", 0.0) for e in events if e["event"] == name]
+              for name in ("train_start", "train_end")}
+    walls = ([starts[i + 1] - starts[i] - probes["train_end"][i] - probes["train_start"][i + 1] for i in range(n - 1)]
+             + ([reports[n - 1] - starts[n - 1] - probes["train_end"][n - 1]] if n else []))
     pids = sorted({e["pid"] for e in events})
     cpu = [e.get("cpu") for e in events if e["event"] in ("train_start", "train_end")]
     faults = [e.get("minflt") for e in events if e["event"] in ("train_start", "train_end")]
