@@ -92,9 +92,10 @@ def test_raysweep_train_on_a_fresh_machine_starts_ray_without_the_dashboard(tmp_
 
 
 def test_the_controller_polls_less_often_while_no_report_comes(monkeypatch):
-    """AdaptivePollController: 1.5x longer after each poll that brings no report, up to Ray's
-    2 s; back to the fastest after one that does. (Ray's worker group is stood in for: what
-    is tested is our interval, not Ray's polling.)"""
+    """AdaptivePollController: the fastest interval until the first report; then 1.5x longer
+    after each poll that brings no report, up to 1 s, and the fastest again after one that
+    does. (Ray's worker group is stood in for: what is tested is our interval, not Ray's
+    polling.)"""
     import asyncio
 
     import pytest
@@ -103,18 +104,20 @@ def test_the_controller_polls_less_often_while_no_report_comes(monkeypatch):
 
     from trainers.distributed import AdaptivePollController
 
-    reports = iter([None] * 8 + ["a report", None])
+    reports = iter([None, None, "epoch 1"] + [None] * 6 + ["epoch 2", None])
 
     async def poll(self):
         return WorkerGroupPollStatus({0: WorkerStatus(running=True, training_report=next(reports))})
 
     monkeypatch.setattr(TrainController, "_poll_workers", poll)
-    controller = object.__new__(AdaptivePollController)  # no Ray: only its interval is used
+    controller = AdaptivePollController.__new__(AdaptivePollController)  # no Ray: only its interval is used
     controller._health_check_interval_s = controller._fastest_s = 0.2
+    controller._reported = False
     intervals = []
-    for _ in range(10):
+    for _ in range(11):
         asyncio.run(controller._poll_workers())
         intervals.append(controller._health_check_interval_s)
-    assert intervals[:3] == pytest.approx([0.3, 0.45, 0.675])
-    assert intervals[6:8] == [2.0, 2.0]  # Ray's default is the slowest
-    assert intervals[8:] == pytest.approx([0.2, 0.3])  # a report: fast again
+    assert intervals[:3] == pytest.approx([0.2, 0.2, 0.2])  # start-up, then the first report
+    assert intervals[3:6] == pytest.approx([0.3, 0.45, 0.675])
+    assert intervals[7:9] == [1.0, 1.0]  # the slowest
+    assert intervals[9:] == pytest.approx([0.2, 0.3])  # a report: fast again

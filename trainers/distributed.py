@@ -235,25 +235,30 @@ class AdaptivePollController(TrainController):
     and worker took 1.3% and 1.4% of a core vs 0.65% and 0.85% at Ray's 2 s (2026-11-30),
     which a 2-thread training step on 2 cores pays for in wall time.
 
-    Here the interval starts at ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (f), goes back to it
-    after every poll that brings a report, and grows 1.5x after every poll that brings none,
-    up to Ray's default of 2 s. Each gap is then at most half the time since the last
-    collected report plus f, so a report is collected within half an epoch plus f of being
-    made: before the next one, for epochs longer than 2f. A 9 s epoch costs ~9 polls
-    instead of ~45.
+    Here the interval is ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (f) until the first report
+    (start-up, when the first epoch's length is unknown) and after every poll that brings a
+    report; after each poll that brings none it grows 1.5x, up to 1 s. Each gap is then at
+    most half the time since the last collected report plus f, so a report is collected
+    before the next one is made (the worker never waits) for epochs longer than 2f, and the
+    end of a run, which comes right after its last report, is seen within 1 s. A 9 s epoch
+    costs ~12 polls instead of ~45: a 1-worker fit that slept and reported every 9 s
+    took 0.83% and 0.92% of a core in its controller and worker, as at a fixed 2 s (0.75%,
+    0.97%).
     """
 
-    SLOWEST_S = 2.0
+    SLOWEST_S = 1.0
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._fastest_s = self._health_check_interval_s
+        self._reported = False
 
     async def _poll_workers(self):
         status = await super()._poll_workers()
         if any(s.training_report is not None for s in status.worker_statuses.values()):
+            self._reported = True
             self._health_check_interval_s = self._fastest_s
-        else:
+        elif self._reported:
             self._health_check_interval_s = min(1.5 * self._health_check_interval_s,
                                                 max(self.SLOWEST_S, self._fastest_s))
         return status
