@@ -20,9 +20,9 @@ import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
+from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
 from ray.train import (Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, LoggingConfig, RunConfig,
                        ScalingConfig)
-from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
@@ -181,6 +181,8 @@ class LeanTorchTrainer(ray.train.torch.TorchTrainer):
       Ray's placement-group cleaner watches this actor, which is what dies when Tune ends
       a trial. Its callbacks then run in this thread, so a Tune trial can pass its reports
       to ``tune.report`` directly.
+    - Either way the controller is an ``AdaptivePollController``: it polls its workers
+      less often while their reports come slowly.
     """
 
     def __init__(self, *args, host_controller: bool = False, **kwargs):
@@ -207,7 +209,6 @@ class LeanTorchTrainer(ray.train.torch.TorchTrainer):
             _abort_workers(controller)
             raise
         return controller.get_result()
-
 
     def _run_controller_actor(self, **controller_init_kwargs) -> ray.train.Result:
         """Ray 2.60's ``DataParallelTrainer._initialize_and_run_controller``, with
