@@ -13,9 +13,9 @@ from benchmarks.common import REPO, RESULTS_DIR
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
-def _cell(v) -> str:
+def _cell(v, digits: int = 3) -> str:
     if isinstance(v, float):
-        return f"{v:.3g}"
+        return f"{v:.{digits}g}"
     return "" if v is None else str(v)
 
 
@@ -37,8 +37,8 @@ def markdown() -> str:
     records = [r for name in BENCHMARKS if (r := _latest(name)) is not None]
     missing = [n for n in BENCHMARKS if _latest(n) is None]
     out = _table(["benchmark", "mode", "value", "unit", "target", "met", "measured"],
-                 [[r["name"], r.get("mode", "full"), r["value"], r["unit"], r["target"], r["met"], r["date"][:16]]
-                  for r in records])
+                 [[r["name"], r.get("mode", "full"), _cell(r["value"], 4),  # 4 digits: 1.023 is not 1.02
+                   r["unit"], r["target"], r["met"], r["date"][:16]] for r in records])
     if missing:
         out += ["", f"No run on record yet: {', '.join(missing)}."]
     for r in records:
