@@ -64,7 +64,7 @@ class RayTrainReporter:
         if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
             # Saved straight into the run directory. Ray's upload would copy it there from a
             # temporary one: a second write of the whole state (23 MB for fast_cifar with
-            # lookahead) that took 60-120 ms of each epoch on 2 cores.
+            # lookahead), 60-120 ms an epoch on 2 busy cores, little on idle ones.
             name = storage.make_default_checkpoint_dir_name()
             directory = save_state(state, Path(storage.experiment_fs_path) / name).parent
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory), checkpoint_dir_name=name,
