@@ -168,17 +168,19 @@ def autoscaler_ceiling(bootstrap: Path | None = None) -> dict[str, float]:
     return total
 
 
-def check_fits(placement: Placement, concurrent: int = 1, driver_cpus: float = 0.0) -> None:
-    """Refuse at once what the cluster can never run, instead of waiting on Ray's 60 s timeout."""
+def check_fits(placement: Placement, concurrent: int = 1, driver_cpus: float = 0.0, reserve_cpus: float = 0.0) -> None:
+    """Refuse at once what the cluster can never run, instead of waiting on Ray's 60 s timeout.
+    ``reserve_cpus``: CPUs that must stay free beside the runs (a streamed set's decode tasks)."""
     total = capacity()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    need_cpus = concurrent * (driver_cpus + placement.workers * placement.cpus_per_worker)
+    need_cpus = concurrent * (driver_cpus + placement.workers * placement.cpus_per_worker) + reserve_cpus
     problems = []
     if need_cpus > cpus + 1e-9:
         problems.append(
             f"{concurrent} run(s) x ({placement.workers} workers x {placement.cpus_per_worker:g} CPU"
-            f"{f' + {driver_cpus:g} driver CPU' if driver_cpus else ''}) needs {need_cpus:g} CPUs but the cluster "
-            f"has {cpus:g}; lower --workers / --concurrent or give fewer CPUs per worker"
+            f"{f' + {driver_cpus:g} driver CPU' if driver_cpus else ''})"
+            f"{f' + {reserve_cpus:g} CPU for streaming decode tasks' if reserve_cpus else ''} needs {need_cpus:g} "
+            f"CPUs but the cluster has {cpus:g}; lower --workers / --concurrent or give fewer CPUs per worker"
         )
     if placement.use_gpu:
         need_gpus = concurrent * placement.workers * placement.gpus_per_worker

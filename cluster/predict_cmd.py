@@ -283,9 +283,13 @@ def _objects(values: list) -> np.ndarray:
     return out
 
 
-def _decode(batch: dict, shape: tuple[int, ...]) -> dict:
-    """Encoded bytes -> uint8 pixels of the model's shape; anything else becomes an error row."""
+def _decode(batch: dict, shape: tuple[int, ...], resize_hw: list[int] | None = None) -> dict:
+    """Encoded bytes -> uint8 pixels of the model's shape; anything else becomes an error row.
+    ``resize_hw``: the run's ``data.image_size`` (checkpoint ``meta["preprocess"]``): each
+    image is resized exactly as the run's evaluation did, so any size it accepted fits."""
     import torch
+
+    from trainers.preprocess import resize, to_channels
 
     pixels = np.zeros((len(batch["id"]), *shape), dtype=np.uint8)
     errors = list(batch["error"])
@@ -294,8 +298,10 @@ def _decode(batch: dict, shape: tuple[int, ...]) -> dict:
             continue
         try:
             img = decode_image(bytes(blob), str(source))
-        except DataError as e:
-            errors[i] = str(e)
+            if resize_hw:
+                img = resize(to_channels(img, shape[0]), resize_hw)
+        except (DataError, RuntimeError, ValueError) as e:  # torchvision's for images it cannot resize
+            errors[i] = str(e) if isinstance(e, DataError) else f"{source}: {e}"
             continue
         problem = shape_problem(img, shape)
         if problem:
@@ -361,7 +367,8 @@ class PredictRequest:
         return out
 
 
-def build_dataset(inputs: Inputs, shape: tuple[int, ...], req: PredictRequest, state_ref, actors: int):
+def build_dataset(inputs: Inputs, shape: tuple[int, ...], req: PredictRequest, state_ref, actors: int,
+                  resize_hw: list[int] | None = None):
     import ray.data
 
     blocks = max(1, min(200, len(inputs.items) if inputs.kind == "parquet" else math.ceil(inputs.count / req.batch_size)))
@@ -371,7 +378,7 @@ def build_dataset(inputs: Inputs, shape: tuple[int, ...], req: PredictRequest, s
     elif inputs.kind == "parquet":
         ds = ds.map_batches(_read_row_groups, batch_format="numpy", batch_size=1)
     if inputs.kind != "memory":
-        ds = ds.map_batches(_decode, batch_format="numpy", batch_size=req.batch_size, fn_kwargs={"shape": shape})
+        ds = ds.map_batches(_decode, batch_format="numpy", batch_size=req.batch_size, fn_kwargs={"shape": shape, "resize_hw": resize_hw})
     else:
         ds = ds.map_batches(_with_error_column, batch_format="numpy", batch_size=req.batch_size)
     return ds.map_batches(
@@ -439,7 +446,7 @@ def run_predict(req: PredictRequest) -> dict:
     saved_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # rows come back in input order
     try:
-        ds = build_dataset(inputs, shape, req, ray.put(state), actors)
+        ds = build_dataset(inputs, shape, req, ray.put(state), actors, (meta.get("preprocess") or {}).get("resize"))
     finally:
         ctx.execution_options.preserve_order = saved_order
     schema = output_schema(where, classes)

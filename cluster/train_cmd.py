@@ -14,8 +14,9 @@ from cluster.plots import training_curves
 from cluster.store import ResultsStore
 from trainers.checkpoints import evaluate_state, load_state
 from trainers.config import TrainRunConfig
-from trainers.data import ImageData, load_data
-from trainers.distributed import Placement, best_checkpoint, run_training
+from trainers.data import ImageData
+from trainers.streaming import DECODE_CPUS, StreamPlan, build_dataset, load_for_training
+from trainers.distributed import Placement, best_checkpoint, checkpoint_uri, run_training
 from trainers.loop import STOP_DIVERGED, STOP_EARLY
 
 # A single fit's embedded Ray starts without the dashboard (``cluster.connect.embedded_ray_options``).
@@ -43,6 +44,7 @@ def status_from(metrics: dict) -> str:
 
 @ray.remote
 def _evaluate_checkpoint(checkpoint: ray.train.Checkpoint, split, use_gpu: bool) -> dict:
+    """``split``: an in-memory ``Split``, or a streamed set's test Dataset (read here, in batches)."""
     device = "cuda" if use_gpu else "cpu"
     with checkpoint.as_directory() as directory:
         return evaluate_state(load_state(directory), split, device=device, prefix="test")
@@ -50,21 +52,24 @@ def _evaluate_checkpoint(checkpoint: ray.train.Checkpoint, split, use_gpu: bool)
 
 def evaluate_on_test(checkpoint: ray.train.Checkpoint, data_ref, use_gpu: bool) -> dict:
     """The checkpoint's test metrics, computed in a Ray task (next to the data, on a GPU if asked)."""
-    split = ray.get(data_ref).test if isinstance(data_ref, ray.ObjectRef) else data_ref.test
+    if isinstance(data_ref, StreamPlan):
+        split = build_dataset(data_ref, "test")
+    else:
+        split = ray.get(data_ref).test if isinstance(data_ref, ray.ObjectRef) else data_ref.test
     task = _evaluate_checkpoint.options(num_cpus=1, num_gpus=1 if use_gpu else 0)
     return ray.get(task.remote(checkpoint, split, use_gpu))
 
 
 def run(req: TrainRequest, data: ImageData | None = None) -> dict:
     """Train, evaluate the best checkpoint on the test split, write the results; returns the summary."""
-    data = data or load_data(req.cfg.data)  # before Ray starts: data errors come first
+    data = data or load_for_training(req.cfg)  # before Ray starts: data errors come first
+    streamed = isinstance(data, StreamPlan)
     connect(req.address, dashboard=EMBEDDED_DASHBOARD)
-    check_fits(req.placement)
+    check_fits(req.placement, reserve_cpus=DECODE_CPUS if streamed else 0.0)
     store = ResultsStore(req.storage, req.name)
-    data_ref = ray.put(data)
+    data_ref = data if streamed else ray.put(data)
     started = time.time()
-    print(f"raysweep train: {req.name}: {req.cfg.model.name} on {req.cfg.data.name} "
-          f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test images), "
+    print(f"raysweep train: {req.name}: {req.cfg.model.name} on {req.cfg.data.name} ({_describe(data)}), "
           f"{req.placement.workers} worker(s){' on GPU' if req.placement.use_gpu else ''}; results in {store.uri}",
           flush=True)
     summary = {"name": req.name, "config": req.cfg.to_dict(), "workers": req.placement.workers}
@@ -84,11 +89,18 @@ def run(req: TrainRequest, data: ImageData | None = None) -> dict:
     checkpoint = best_checkpoint(result, es.metric, es.mode)
     if checkpoint is not None and summary["status"] != DIVERGED:
         summary.update(evaluate_on_test(checkpoint, data_ref, req.placement.use_gpu))
-        summary["checkpoint"] = checkpoint.path
+        summary["checkpoint"] = checkpoint_uri(checkpoint)
     if history is not None and history.num_rows:
         store.write_bytes("curves.png", training_curves(history, title=req.name))
     _finish(store, summary, started)
     return summary
+
+
+def _describe(data: ImageData | StreamPlan) -> str:
+    if isinstance(data, StreamPlan):
+        return (f"streaming ~{data.train_rows} train / ~{data.val_rows} val / ~{data.test_rows} test images "
+                f"of {'x'.join(map(str, data.shape))} through Ray Data")
+    return f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test images"
 
 
 def _finish(store: ResultsStore, summary: dict, started: float) -> None:

@@ -18,7 +18,7 @@ from search_spaces.space import SearchSpace, load_space
 from search_spaces.tuner import SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, concurrency
 from trainers.config import load_run_values
 from trainers.configtools import merge
-from trainers.data import load_data
+from trainers.streaming import DECODE_CPUS, StreamPlan, load_for_training
 from trainers.distributed import Placement
 from ray.train import Checkpoint
 
@@ -89,10 +89,12 @@ def run(req: TuneRequest) -> dict:
     """Run (or resume) the search; returns what best.json holds."""
     base = base_config(req)
     probe = req.space.trial_config(base, req.space.default_point())  # config errors before Ray starts
-    data = load_data(probe.data)
+    data = load_for_training(probe)
+    reserve = DECODE_CPUS if isinstance(data, StreamPlan) else 0.0  # a streamed set's decode tasks
     connect(req.address)
-    concurrent = concurrency(req.search, capacity())
-    check_fits(req.search.placement, concurrent=1, driver_cpus=req.search.driver_cpus)
+    resources = capacity()
+    concurrent = concurrency(req.search, {**resources, "CPU": resources.get("CPU", 0.0) - reserve})
+    check_fits(req.search.placement, concurrent=1, driver_cpus=req.search.driver_cpus, reserve_cpus=reserve)
     store = ResultsStore(req.storage, req.name)
     local_dir = store.local_path("")
     print(f"raysweep tune: {req.name}: space {req.space.name}, {req.search.trials} trials x up to "

@@ -19,6 +19,7 @@ from cluster.store import ResultsStore
 from cluster.tables import EPOCHS_SCHEMA, EpochLog
 from search_spaces.space import SearchSpace
 from search_spaces.tuner import CHECKPOINT_PATH_KEY
+from trainers.distributed import checkpoint_uri
 from trainers.loop import STOP_DIVERGED, STOP_EARLY
 
 COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, RUNNING = "completed", "early_stopped", "diverged", "failed", "running"
@@ -176,7 +177,7 @@ class SearchResultsCallback(tune.Callback):
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         epoch = (trial.last_result or {}).get("epoch")
         if epoch is not None:
-            self._record(trial).checkpoints[int(epoch)] = checkpoint.path
+            self._record(trial).checkpoints[int(epoch)] = checkpoint_uri(checkpoint)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         rec = self._record(trial)

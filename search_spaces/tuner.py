@@ -28,8 +28,9 @@ from search_spaces.space import SearchSpace
 from trainers.checkpoints import load_state, save_state
 from trainers.configtools import ConfigError
 from trainers.data import ImageData
-from trainers.distributed import Placement, run_training
-from trainers.loop import STOP_DIVERGED, WorkerContext, fit
+from trainers.distributed import Placement, checkpoint_uri, run_training
+from trainers.loop import STOP_DIVERGED, StreamedInputs, WorkerContext, fit
+from trainers.streaming import StreamPlan, build_dataset
 
 SEARCHERS = ("optuna", "random")
 SCHEDULERS = ("asha", "none")
@@ -110,19 +111,23 @@ class TuneReporter:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
-def run_trial(params: dict, *, space: SearchSpace, base: dict, data: ImageData, placement: Placement,
+def run_trial(params: dict, *, space: SearchSpace, base: dict, data: ImageData | StreamPlan, placement: Placement,
               train_storage: str) -> None:
-    """One Tune trial: the sampled ``params`` applied to ``base`` make one train run."""
+    """One Tune trial: the sampled ``params`` applied to ``base`` make one train run.
+    ``data``: an in-memory set, or the plan of a streamed one (``trainers.streaming``)."""
     cfg = space.trial_config(base, params)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch
     if placement.workers == 1:
         use_gpu = placement.use_gpu and torch.cuda.is_available()
-        device = torch.device("cuda" if use_gpu else "cpu")
-        fit(cfg, data, WorkerContext(device=device), TuneReporter())
+        ctx = WorkerContext(device=torch.device("cuda" if use_gpu else "cpu"))
+        inputs = None
+        if isinstance(data, StreamPlan):  # this trial reads the datasets itself, batch by batch
+            inputs = StreamedInputs(data, build_dataset(data, "train"), build_dataset(data, "val"), ctx, cfg)
+        fit(cfg, data, ctx, TuneReporter(), inputs)
         return
     trial_id = tune.get_context().get_trial_id()
-    run_training(cfg, ray.put(data), placement, train_storage, name=f"trial_{trial_id}",
-                 callbacks=[ReportToTune()], host_controller=True)
+    run_training(cfg, data if isinstance(data, StreamPlan) else ray.put(data), placement, train_storage,
+                 name=f"trial_{trial_id}", callbacks=[ReportToTune()], host_controller=True)
 
 
 class ReportToTune(UserCallback):
@@ -134,7 +139,7 @@ class ReportToTune(UserCallback):
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         report = dict(metrics[0])
         if checkpoint:
-            report[CHECKPOINT_PATH_KEY] = checkpoint.path
+            report[CHECKPOINT_PATH_KEY] = checkpoint_uri(checkpoint)
         tune.report(report)
 
 

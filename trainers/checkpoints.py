@@ -14,8 +14,9 @@ import torch
 
 from trainers.config import TrainRunConfig
 from trainers.data import Split
-from trainers.loop import Model, Normalizer, evaluate, reduce_validation, resolve_precision
+from trainers.loop import Model, Normalizer, evaluate, reduce_validation, resolve_precision, split_batches
 from trainers.models import build_model
+from trainers.streaming import torch_batches
 
 STATE_FILE = "state.pt"
 
@@ -67,11 +68,15 @@ def model_from_state(state: dict, device: torch.device | str = "cpu") -> tuple[M
     return model, cfg, meta
 
 
-def evaluate_state(state: dict, split: Split, device: torch.device | str = "cpu", prefix: str = "test") -> dict:
-    """Accuracy and macro precision/recall/F1 of a checkpoint on ``split`` (one process)."""
+def evaluate_state(state: dict, split, device: torch.device | str = "cpu", prefix: str = "test") -> dict:
+    """Accuracy and macro precision/recall/F1 of a checkpoint (one process) on ``split``:
+    an in-memory ``Split``, or a Ray Dataset of a streamed set."""
     device = torch.device(device)
     model, cfg, meta = model_from_state(state, device)
-    split = Split(split.x.to(device), split.y.to(device))
+    if isinstance(split, Split):
+        batches = split_batches(Split(split.x.to(device), split.y.to(device)))
+    else:
+        batches = torch_batches(split, 1024, device)
     precision = resolve_precision(cfg.train.precision, device)
-    loss_sum, cm = evaluate(model, split, cfg, len(meta["classes"]), precision)
+    loss_sum, cm = evaluate(model, batches, cfg, len(meta["classes"]), precision, device)
     return reduce_validation(loss_sum, cm, prefix)

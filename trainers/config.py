@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from trainers.configtools import choice_problem, from_dict, range_problem, to_dict
+from trainers.preprocess import TRAIN_CROPS
 
 
 def _known(kind: str) -> list[str]:
@@ -30,6 +31,20 @@ def _drop_none(problems):
     return [p for p in problems if p]
 
 
+STREAMING = ("auto", "true", "false")
+
+
+def _size_problem(size) -> str | None:
+    """None when ``size`` is an int or a pair of ints in 4..4096."""
+    sides = [size] if isinstance(size, int) and not isinstance(size, bool) else size
+    if size is None:
+        return None
+    if (isinstance(sides, (list, tuple)) and len(sides) in (1, 2)
+            and all(isinstance(v, int) and not isinstance(v, bool) and 4 <= v <= 4096 for v in sides)):
+        return None
+    return f"image_size: {str(size)[:40]!r} must be N or [H, W], whole numbers in 4..4096 (e.g. 64 or [96, 128])"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where images come from and how they are split.
@@ -38,9 +53,21 @@ class DataConfig:
     ``test_root`` a separate test source. Data sets without a test split (digits,
     synthetic, imagefolder, parquet without ``test_root``) carve one out of the
     training data with ``test_fraction``; the validation split is always carved from
-    the training data, seeded by ``seed``. ``num_samples``, ``image_size``,
-    ``channels`` and ``num_classes`` shape the ``synthetic`` set; ``limit`` caps the
-    training images of any set (quick runs).
+    the training data, seeded by ``seed``. ``num_samples``, ``channels`` and
+    ``num_classes`` shape the ``synthetic`` set; ``limit`` caps the training images of
+    any set (quick runs). ``root`` and ``test_root`` may be pyarrow.fs URIs
+    (``s3://``, ``gs://``, ``file://``) for ``parquet`` and ``imagefolder``.
+
+    ``image_size`` (``N`` or ``[H, W]``) resizes every image (mixed sizes welcome), the
+    torchvision ImageNet way: evaluation resizes the shorter side to ``size / 0.875`` and
+    takes the centre crop; streamed training takes ``train_crop``: ``random_resized``
+    (RandomResizedCrop, scale 0.08-1) or ``random`` (the evaluation resize, then a random
+    crop). The synthetic set is generated at ``image_size`` (default 16).
+
+    ``streaming``: ``auto`` streams a set through Ray Data when its decoded training
+    images would exceed ``STREAM_ABOVE_BYTES`` (or a tenth of this machine's memory), or
+    when ``root`` is a URI; ``true`` always, ``false`` never (the set is decoded whole on
+    the driver). ``shuffle_buffer`` is the streamed training shuffle's buffer, in images.
     """
 
     name: str = "digits"
@@ -52,9 +79,30 @@ class DataConfig:
     limit: int | None = None
     seed: int = 0
     num_samples: int = 2000
-    image_size: int = 16
+    image_size: Any | None = None  # N or [H, W]; see resize_hw
     channels: int = 3
     num_classes: int = 10
+    train_crop: str = "random_resized"
+    streaming: Any = "auto"  # auto | true | false (YAML's booleans too)
+    shuffle_buffer: int = 2048
+
+    @property
+    def resize_hw(self) -> tuple[int, int] | None:
+        """``image_size`` as (H, W), or None when images keep their size."""
+        size = self.image_size
+        if size is None or _size_problem(size):
+            return None
+        sides = [size] if isinstance(size, int) else list(size)
+        return int(sides[0]), int(sides[-1])
+
+    @property
+    def streaming_mode(self) -> str:
+        """``auto``, ``true`` or ``false``, whichever way YAML spelled it."""
+        return str(self.streaming).lower()
+
+    @property
+    def is_uri(self) -> bool:
+        return any("://" in (r or "") for r in (self.root, self.test_root))
 
     def problems(self) -> list[str]:
         return _drop_none(
@@ -64,7 +112,10 @@ class DataConfig:
                 range_problem("test_fraction", self.test_fraction, 0.0, 0.9, low_open=True),
                 range_problem("limit", self.limit, 1),
                 range_problem("num_samples", self.num_samples, 10),
-                range_problem("image_size", self.image_size, 4, 1024),
+                _size_problem(self.image_size),
+                choice_problem("train_crop", self.train_crop, TRAIN_CROPS, "training crop"),
+                choice_problem("streaming", self.streaming_mode, STREAMING, "streaming mode"),
+                range_problem("shuffle_buffer", self.shuffle_buffer, 0, 1_000_000),
                 range_problem("channels", self.channels, 1, 4),
                 range_problem("num_classes", self.num_classes, 2, 1000),
             ]

@@ -1,12 +1,13 @@
 """Image data sets as uint8 tensors, split into train/val/test, looked up by name.
 
 Small (CIFAR-size) sets live whole in memory as one ``uint8`` tensor of shape
-``(N, C, H, W)``; a worker takes its shard by rank. Streaming sets that do not fit in
-memory are Ray Data's job, not this module's.
+``(N, C, H, W)``; a worker takes its shard by rank. Sets too big for that stream through
+Ray Data (``trainers.streaming``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from trainers.config import DataConfig
+from trainers.preprocess import resize, to_channels
 from trainers.registry import Registry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -132,7 +134,7 @@ def _synthetic(cfg: DataConfig):
     """Seeded, learnable images: each class is a smooth random pattern, with random
     contrast and noise, so a CNN learns it well but not instantly."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    c, s, k, n = cfg.channels, cfg.image_size, cfg.num_classes, cfg.num_samples
+    c, (s, _), k, n = cfg.channels, cfg.resize_hw or (16, 16), cfg.num_classes, cfg.num_samples
     coarse = torch.rand(k, c, max(2, s // 4), max(2, s // 4), generator=gen)
     prototypes = torch.nn.functional.interpolate(coarse, size=(s, s), mode="bilinear", align_corners=False)
     y = torch.arange(n) % k
@@ -174,14 +176,20 @@ def decode_image(data: bytes, source: str) -> torch.Tensor:
     return img
 
 
-def _stack(images: list[torch.Tensor], sources: list[str]) -> torch.Tensor:
+def _stack(images: list[torch.Tensor], sources: list[str], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """One (N, C, H, W) tensor; with ``size`` (``data.image_size``) each image is first
+    resized as evaluation does (``preprocess.resize``) and brought to one channel count."""
+    if size is not None:
+        channels = 3 if any(img.shape[0] >= 3 for img in images) else 1
+        images = [resize(to_channels(img, channels), size) for img in images]
     shapes: dict[tuple, str] = {}
     for img, src in zip(images, sources):
         shapes.setdefault(tuple(img.shape), src)
     if len(shapes) > 1:
         examples = "; ".join(f"{src} is {shape}" for shape, src in list(shapes.items())[:3])
         raise DataError(
-            f"images have mixed sizes ({examples}); resize them to one size (C, H, W) first"
+            f"images have mixed sizes ({examples}); set data.image_size=[H, W] to resize them "
+            "(or data.image_size=N for N x N)"
         )
     return torch.stack(images)
 
@@ -190,7 +198,7 @@ def _image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def read_image_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def read_image_folder(root: Path, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"data.root: {str(root)!r} has no class subfolders (root/<class>/*.png)")
@@ -202,16 +210,16 @@ def read_image_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]
             sources.append(str(path))
     if not images:
         raise DataError(f"data.root: no {'/'.join(IMAGE_SUFFIXES)} images under {str(root)!r}")
-    return _stack(images, sources), torch.tensor(labels), classes
+    return _stack(images, sources, size), torch.tensor(labels), classes
 
 
 @DATASETS.register("imagefolder")
 def _imagefolder(cfg: DataConfig):
     """``root/<class>/*.jpg|png``; class names are the sorted folder names."""
-    x, y, classes = read_image_folder(_require_root(cfg))
+    x, y, classes = read_image_folder(_require_root(cfg), cfg.resize_hw)
     test = None
     if cfg.test_root:
-        tx, ty, tclasses = read_image_folder(Path(cfg.test_root).expanduser())
+        tx, ty, tclasses = read_image_folder(Path(cfg.test_root).expanduser(), cfg.resize_hw)
         if tclasses != classes:
             raise DataError(f"data.test_root: class folders {tclasses} differ from data.root's {classes}")
         test = Split(tx, ty)
@@ -219,10 +227,13 @@ def _imagefolder(cfg: DataConfig):
 
 
 def parquet_files(root: Path) -> list[Path]:
-    return [root] if root.is_file() else sorted(root.glob("*.parquet"))
+    """The file itself, or a directory's ``*.parquet`` (recursively; not ``_``/``.`` names)."""
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob("*.parquet") if not p.name.startswith(("_", ".")))
 
 
-def read_parquet_images(path: Path, need_labels: bool = True):
+def read_parquet_images(path: Path, need_labels: bool = True, size: tuple[int, int] | None = None):
     """A Parquet file with an encoded ``image`` column and an integer ``label`` column.
 
     Returns (uint8 images, int64 labels or None, class names or None from the schema's
@@ -239,18 +250,24 @@ def read_parquet_images(path: Path, need_labels: bool = True):
         raise DataError(f"{path}: missing column(s) {missing}; found {table.column_names}")
     blobs = table.column("image").to_pylist()
     images = [decode_image(b, f"{path} row {i}") for i, b in enumerate(blobs)]
-    x = _stack(images, [f"{path} row {i}" for i in range(len(images))])
+    x = _stack(images, [f"{path} row {i}" for i in range(len(images))], size)
     y = torch.tensor(table.column("label").to_numpy().astype(np.int64)) if "label" in table.column_names else None
     meta = table.schema.metadata or {}
-    classes = meta[b"classes"].decode().split(",") if b"classes" in meta else None
+    classes = decode_classes(meta[b"classes"].decode()) if b"classes" in meta else None
     return x, y, classes
 
 
-def _read_parquet_split(root: Path):
+def decode_classes(text: str) -> list[str]:
+    """Class names in Parquet metadata: a JSON list (``raysweep data convert``), or the
+    older comma-joined form."""
+    return json.loads(text) if text.startswith("[") else text.split(",")
+
+
+def _read_parquet_split(root: Path, size: tuple[int, int] | None):
     files = parquet_files(root)
     if not files:
         raise DataError(f"data.root: no .parquet files in {str(root)!r}")
-    parts = [read_parquet_images(f) for f in files]
+    parts = [read_parquet_images(f, size=size) for f in files]
     x = torch.cat([p[0] for p in parts])
     y = torch.cat([p[1] for p in parts])
     classes = next((p[2] for p in parts if p[2]), None)
@@ -266,8 +283,8 @@ def _parquet(cfg: DataConfig):
     if root.is_dir() and (root / "train.parquet").is_file():
         test_root = test_root or (root / "test.parquet" if (root / "test.parquet").is_file() else None)
         root = root / "train.parquet"
-    train, classes = _read_parquet_split(root)
-    test = _read_parquet_split(test_root)[0] if test_root else None
+    train, classes = _read_parquet_split(root, cfg.resize_hw)
+    test = _read_parquet_split(test_root, cfg.resize_hw)[0] if test_root else None
     if classes is None:
         top = int(train.y.max()) + 1 if test is None else int(max(train.y.max(), test.y.max())) + 1
         classes = [str(i) for i in range(top)]

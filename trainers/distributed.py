@@ -32,8 +32,8 @@ from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
 from trainers.checkpoints import load_state, save_state
 from trainers.config import TrainRunConfig
-from trainers.data import ImageData
-from trainers.loop import WorkerContext, fit
+from trainers.loop import StreamedInputs, WorkerContext, fit
+from trainers.streaming import StreamPlan, build_datasets
 
 # Fault drill: with "EPOCH:MARKER_FILE" in this variable of the launching process, rank 1
 # (or 0 if alone) dies once, just before it reports EPOCH, so tests (and users) can check
@@ -100,16 +100,21 @@ def _quiet_report_log() -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker. ``config``: ``{"run": TrainRunConfig dict, "data": ref}``."""
+    """Runs on every Ray Train worker. ``config``: ``{"run": TrainRunConfig dict, "data":
+    ImageData or a ref to one, or a StreamPlan whose splits arrive as dataset shards}``."""
     _quiet_report_log()
     cfg = TrainRunConfig.from_dict(config["run"])
     data = config["data"]
-    data: ImageData = ray.get(data) if isinstance(data, ray.ObjectRef) else data
+    data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     ctx = WorkerContext(rank=rank, world_size=world, device=ray.train.torch.get_device(),
                         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
-    fit(cfg, data, ctx, RayTrainReporter(rank, world, config.get("fault")))
+    inputs = None
+    if isinstance(data, StreamPlan):
+        inputs = StreamedInputs(data, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"),
+                                ctx, cfg)
+    fit(cfg, data, ctx, RayTrainReporter(rank, world, config.get("fault")), inputs)
 
 
 @dataclass(frozen=True)
@@ -290,7 +295,8 @@ def _abort_workers(controller: TrainController) -> None:
 
 def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: str, name: str,
                  callbacks: list | None = None, host_controller: bool = False) -> ray.train.Result:
-    """Fit one model with Ray Train. ``data`` is an ``ImageData`` or an object ref to one.
+    """Fit one model with Ray Train. ``data`` is an ``ImageData``, an object ref to one, or a
+    ``StreamPlan`` (its train and val splits then stream to the workers through Ray Data).
 
     Re-running with the same ``(storage_path, name)`` resumes from the last checkpoint.
     Raises ``ray.train.TrainingFailedError`` once the workers have failed more than
@@ -301,6 +307,7 @@ def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: 
         train_loop_per_worker,
         train_loop_config={"run": cfg.to_dict(), "data": data, "fault": os.environ.get(FAULT_ENV)},
         scaling_config=placement.scaling_config(),
+        datasets=build_datasets(data) if isinstance(data, StreamPlan) else None,
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
@@ -324,3 +331,16 @@ def best_checkpoint(result: ray.train.Result, metric: str, mode: str) -> Checkpo
         return result.checkpoint
     pick = max if mode == "max" else min
     return pick(scored, key=lambda cm: cm[1][metric])[0]
+
+
+# pyarrow filesystem type -> URI scheme, for paths kept for later (summary.json, best.json).
+_SCHEMES = {"S3FileSystem": "s3", "GcsFileSystem": "gs", "AzureFileSystem": "abfs", "HadoopFileSystem": "hdfs"}
+
+
+def checkpoint_uri(checkpoint: Checkpoint) -> str:
+    """Where a checkpoint is, as a full URI on remote storage: Ray's ``Checkpoint.path`` is a
+    path within its filesystem (``bucket/run/checkpoint_...``), which nothing can open later
+    without the scheme."""
+    scheme = _SCHEMES.get(type(checkpoint.filesystem).__name__)
+    path = checkpoint.path
+    return f"{scheme}://{path.lstrip('/')}" if scheme and "://" not in path else path

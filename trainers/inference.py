@@ -27,6 +27,7 @@ from torch import nn
 from trainers.checkpoints import network_from_state
 from trainers.config import TrainRunConfig
 from trainers.loop import Normalizer, autocast_for, resolve_precision
+from trainers.preprocess import RESIZE_RATIO
 
 
 class InferenceError(ValueError):
@@ -116,17 +117,33 @@ def shape_problem(image: torch.Tensor, expected: tuple[int, ...]) -> str | None:
 class _Exported(nn.Module):
     """What ``torch.jit.load`` returns: uint8 ``(N, C, H, W)`` -> probabilities ``(N, K)``."""
 
-    def __init__(self, net, mean, std, classes, image_shape):
+    def __init__(self, net, mean, std, classes, image_shape, resize: list[int] | None = None):
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255)
         self.register_buffer("inv_std", 1 / (torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255))
         self.classes = list(classes)
         self.image_shape = list(image_shape)
+        # The run's data.image_size (0, 0: none): then any size goes in, resized as evaluation did.
+        self.resize_h, self.resize_w = (int(resize[0]), int(resize[1])) if resize else (0, 0)
+        self.resize_ratio = RESIZE_RATIO
+
+    def _resized(self, x: torch.Tensor) -> torch.Tensor:
+        """``preprocess.resize`` in TorchScript: scale to cover size / 0.875, centre crop."""
+        th, tw = self.resize_h, self.resize_w
+        h, w = x.size(2), x.size(3)
+        scale = max(th / self.resize_ratio / h, tw / self.resize_ratio / w)
+        nh, nw = max(th, int(round(h * scale))), max(tw, int(round(w * scale)))
+        z = torch.nn.functional.interpolate(x.float(), size=[nh, nw], mode="bilinear", align_corners=False,
+                                            antialias=True)
+        top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
+        return z[:, :, top:top + th, left:left + tw].round().clamp(0, 255).to(torch.uint8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
             raise ValueError("expected a uint8 image batch (N, C, H, W) with values 0-255")
+        if self.resize_h > 0 and x.dim() == 4:
+            x = self._resized(x)
         if x.dim() != 4 or x.size(1) != self.image_shape[0] or x.size(2) != self.image_shape[1] \
                 or x.size(3) != self.image_shape[2]:
             raise ValueError("expected images of shape (N, C, H, W) = (N, " + str(self.image_shape[0]) + ", "
@@ -148,11 +165,14 @@ def export_torchscript(state: dict, path: str | Path) -> Path:
         warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript deprecated, still loads it
         traced = torch.jit.trace(clf.net, example, check_trace=False)
         # Scripted (not traced) on top so the input checks and the class names survive.
-        module = torch.jit.script(_Exported(traced, meta["mean"], meta["std"], clf.classes, shape).eval())
+        resize = (meta.get("preprocess") or {}).get("resize")
+        module = torch.jit.script(_Exported(traced, meta["mean"], meta["std"], clf.classes, shape, resize).eval())
     extra = {
         "classes.json": json.dumps(clf.classes),
         "meta.json": json.dumps({"image_shape": list(shape), "mean": list(meta["mean"]), "std": list(meta["std"]),
-                                 "input": "uint8 (N, C, H, W)", "output": "probabilities (N, K)",
+                                 "preprocess": meta.get("preprocess"),
+                                 "input": "uint8 (N, C, H, W)" + (", any H and W: resized inside" if resize else ""),
+                                 "output": "probabilities (N, K)",
                                  "config": meta["config"]}),
     }
     path = Path(path)

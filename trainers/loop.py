@@ -13,7 +13,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -26,6 +26,8 @@ from trainers.memory import keep_freed_memory
 from trainers.metrics import all_reduce_min, all_reduce_sum, confusion_matrix, scores_from_confusion
 from trainers.models import build_model
 from trainers.optim import Lookahead, build_optimizer
+from trainers.preprocess import preprocess_meta
+from trainers.streaming import torch_batches
 
 STOP_EARLY, STOP_DIVERGED = "early_stopped", "diverged"
 NEVER = 2**62  # "no bad step" in a min-reduction
@@ -115,25 +117,23 @@ class Model:
         return self.normalize(x_uint8).contiguous(memory_format=self.memory_format)
 
 
-def train_one_epoch(model: Model, shard: Split, cfg: TrainRunConfig, optimizer, scheduler, local_batch: int,
-                    gen: torch.Generator, precision: str, scaler=None, lookahead: Lookahead | None = None,
-                    flips: torch.Tensor | None = None) -> EpochStats:
-    """One pass over this rank's shard: shuffle, augment, forward, loss + L1, step.
-    ``flips``: which shard images to flip this epoch (alternating flip), else drawn."""
-    device = shard.x.device
+Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # uint8 images, labels, flips or None
+
+
+def train_one_epoch(model: Model, batches: Iterable[Batch], cfg: TrainRunConfig, optimizer, scheduler,
+                    gen: torch.Generator, precision: str, device: torch.device, scaler=None,
+                    lookahead: Lookahead | None = None) -> EpochStats:
+    """One pass over this rank's batches: augment, forward, loss + L1, step."""
     start = time.perf_counter()
     model.net.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.float64)
+    count = 0
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    order = torch.randperm(len(shard), device=device, generator=gen)
-    for step, idx in enumerate(order.split(local_batch)):
-        # index_select, not shard.x[idx]: advanced indexing is ~20x slower on CPU. Augment in
-        # NCHW and only then go channels_last: grid_sample reads NCHW about 2x faster.
-        x = augment_batch(model.normalize(shard.x.index_select(0, idx)), cfg.augment, gen,
-                          None if flips is None else flips.index_select(0, idx))
+    for step, (images, y, flips) in enumerate(batches):
+        # Augment in NCHW and only then go channels_last: grid_sample reads NCHW about 2x faster.
+        x = augment_batch(model.normalize(images), cfg.augment, gen, flips)
         x = x.contiguous(memory_format=model.memory_format)
-        y = shard.y.index_select(0, idx)
         with autocast_for(precision, device):
             logits = model.net(x)
             loss = compute_loss(logits, y, cfg.loss)
@@ -153,27 +153,75 @@ def train_one_epoch(model: Model, shard: Split, cfg: TrainRunConfig, optimizer, 
         # Track divergence on the device: a host sync per step would stall GPUs.
         bad = ~torch.isfinite(loss.detach())
         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-        loss_sum += loss.detach().double() * len(idx)
+        loss_sum += loss.detach().double() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
-    return EpochStats(loss_sum, correct, torch.tensor(float(len(shard)), device=device), first_bad, time.perf_counter() - start)
+        count += len(y)
+    return EpochStats(loss_sum, correct, torch.tensor(float(count), device=device), first_bad,
+                      time.perf_counter() - start)
 
 
 @torch.no_grad()
-def evaluate(model: Model, split: Split, cfg: TrainRunConfig, num_classes: int, precision: str,
-             batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (loss sum, confusion matrix) over ``split``; all-reduce them to combine ranks."""
+def evaluate(model: Model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], cfg: TrainRunConfig,
+             num_classes: int, precision: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (loss sum, confusion matrix) over ``batches``; all-reduce them to combine ranks."""
     net = getattr(model.net, "module", model.net)  # skip DDP's forward hooks when evaluating
     net.eval()
-    device = split.x.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     cm = torch.zeros(num_classes, num_classes, device=device, dtype=torch.long)
-    for start in range(0, len(split), batch_size):
-        x, y = split.x[start:start + batch_size], split.y[start:start + batch_size]
+    for x, y in batches:
         with autocast_for(precision, device):
             logits = net(model.prepare(x))
         loss_sum += compute_loss(logits, y, cfg.loss).double() * len(y)
         cm += confusion_matrix(y, logits.argmax(1), num_classes)
     return loss_sum, cm
+
+
+def split_batches(split: Split, batch_size: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """An in-memory split in order, for evaluation."""
+    for start in range(0, len(split), batch_size):
+        yield split.x[start:start + batch_size], split.y[start:start + batch_size]
+
+
+class MemoryInputs:
+    """A rank's shard of an in-memory set, on its device: shuffled with ``randperm`` each
+    epoch and gathered batch by batch."""
+
+    def __init__(self, data: ImageData, ctx: "WorkerContext", cfg: TrainRunConfig):
+        train = data.train.shard(ctx.rank, ctx.world_size, equal=True)
+        val = data.val.shard(ctx.rank, ctx.world_size, equal=False)
+        self.train = Split(train.x.to(ctx.device), train.y.to(ctx.device))
+        self.val = Split(val.x.to(ctx.device), val.y.to(ctx.device))
+        self.rows, self.cfg, self.seed = len(self.train), cfg, cfg.train.seed * 100_003 + ctx.rank
+
+    def train_batches(self, epoch: int, local_batch: int, gen: torch.Generator) -> Iterator[Batch]:
+        shard = self.train
+        flips = (alternating_flips(len(shard), epoch, self.seed, shard.x.device)
+                 if self.cfg.augment.alternate_flip else None)
+        order = torch.randperm(len(shard), device=shard.x.device, generator=gen)
+        for idx in order.split(local_batch):
+            # index_select, not shard.x[idx]: advanced indexing is ~20x slower on CPU.
+            yield (shard.x.index_select(0, idx), shard.y.index_select(0, idx),
+                   None if flips is None else flips.index_select(0, idx))
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return split_batches(self.val)
+
+
+class StreamedInputs:
+    """A rank's shards of a set streamed by Ray Data (``trainers.streaming``): its train and
+    val iterators (``ray.train.get_dataset_shard``, or Datasets in a one-worker trial)."""
+
+    def __init__(self, plan, train, val, ctx: "WorkerContext", cfg: TrainRunConfig):
+        self.plan, self.train, self.val, self.ctx, self.cfg = plan, train, val, ctx, cfg
+        self.rows = max(1, math.ceil(plan.train_rows / ctx.world_size))  # for the schedule's length
+
+    def train_batches(self, epoch: int, local_batch: int, gen: torch.Generator) -> Iterator[Batch]:
+        seed = self.cfg.train.seed * 100_003 + epoch * 1009 + self.ctx.rank
+        for x, y in torch_batches(self.train, local_batch, self.ctx.device, self.cfg.data.shuffle_buffer, seed):
+            yield x, y, None
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return torch_batches(self.val, 1024, self.ctx.device)
 
 
 def reduce_validation(loss_sum: torch.Tensor, cm: torch.Tensor, prefix: str) -> dict[str, float]:
@@ -214,37 +262,41 @@ class EarlyStopper:
 WHITENING_IMAGES = 5000  # enough for a stable 2x2-patch covariance (airbench's figure)
 
 
-def build_worker_model(cfg: TrainRunConfig, data: ImageData, device: torch.device) -> Model:
+def build_worker_model(cfg: TrainRunConfig, data, device: torch.device) -> Model:
     """The network on ``device``; one that learns a first layer from the data (fast_cifar's
-    whitening stem) sees the first training images, the same on every rank."""
+    whitening stem) sees the first training images (a streamed set's sample), the same on
+    every rank. ``data``: an ``ImageData`` or a ``streaming.StreamPlan``."""
     channels, height, _ = data.shape
     net = build_model(cfg.model, channels, height, data.num_classes)
     normalize = Normalizer(data.mean, data.std)
     if hasattr(net, "init_from_data"):
-        net.init_from_data(normalize(data.train.x[:WHITENING_IMAGES]))
+        first = data.train.x if isinstance(data, ImageData) else data.sample
+        net.init_from_data(normalize(first[:WHITENING_IMAGES]))
     fmt = torch.channels_last if cfg.train.channels_last and channels > 1 else torch.contiguous_format
     return Model(net.to(device, memory_format=fmt), normalize.to(device), fmt)
 
 
-def checkpoint_meta(cfg: TrainRunConfig, data: ImageData) -> dict:
+def checkpoint_meta(cfg: TrainRunConfig, data) -> dict:
     """What a checkpoint needs beyond weights to read raw images and name classes."""
     return {"config": cfg.to_dict(), "classes": list(data.classes), "mean": list(data.mean),
-            "std": list(data.std), "image_shape": list(data.shape)}
+            "std": list(data.std), "image_shape": list(data.shape),
+            "preprocess": preprocess_meta(cfg.data.resize_hw, data.shape[0])}
 
 
-def fit(cfg: TrainRunConfig, data: ImageData, ctx: WorkerContext, reporter: Reporter) -> dict:
-    """Train for ``cfg.train.epochs`` (or until stopped); returns the last epoch's metrics."""
+def fit(cfg: TrainRunConfig, data, ctx: WorkerContext, reporter: Reporter, inputs=None) -> dict:
+    """Train for ``cfg.train.epochs`` (or until stopped); returns the last epoch's metrics.
+
+    ``data`` is an ``ImageData`` (this rank's shard is taken from it) or, for a streamed
+    set, the ``StreamPlan`` with ``inputs`` (``StreamedInputs``) holding this rank's shards.
+    """
     keep_freed_memory()  # every step re-allocates its activations: reuse pages, don't fault in new ones
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     device, world = ctx.device, ctx.world_size
     model = build_worker_model(cfg, data, device)
     model.net = ctx.wrap_model(model.net)
-    train = data.train.shard(ctx.rank, world, equal=True)
-    train = Split(train.x.to(device), train.y.to(device))
-    val = data.val.shard(ctx.rank, world, equal=False)
-    val = Split(val.x.to(device), val.y.to(device))
+    inputs = inputs or MemoryInputs(data, ctx, cfg)
     local_batch = max(1, cfg.train.batch_size // world)
-    steps = math.ceil(len(train) / local_batch)
+    steps = math.ceil(inputs.rows / local_batch)
     optimizer, scheduler = build_optimizer(model.net, cfg.optim, steps, cfg.train.epochs)
     plain_net = getattr(model.net, "module", model.net)  # without DDP's wrapper
     every = cfg.optim.lookahead_every
@@ -267,14 +319,13 @@ def fit(cfg: TrainRunConfig, data: ImageData, ctx: WorkerContext, reporter: Repo
     for epoch in range(first_epoch, cfg.train.epochs + 1):
         gen = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + epoch * 1009 + ctx.rank)
         lr = optimizer.param_groups[0]["lr"]
-        flips = (alternating_flips(len(train), epoch, cfg.train.seed * 100_003 + ctx.rank, device)
-                 if cfg.augment.alternate_flip else None)
-        stats = train_one_epoch(model, train, cfg, optimizer, scheduler, local_batch, gen, precision, scaler,
-                                lookahead, flips)
+        stats = train_one_epoch(model, inputs.train_batches(epoch, local_batch, gen), cfg, optimizer, scheduler,
+                                gen, precision, device, scaler, lookahead)
         if lookahead is not None and epoch == cfg.train.epochs:
             lookahead.finish()  # the last epoch ends on the slow weights
         eval_start = time.perf_counter()
-        val_metrics = reduce_validation(*evaluate(model, val, cfg, data.num_classes, precision), prefix="val")
+        val_metrics = reduce_validation(*evaluate(model, inputs.val_batches(), cfg, data.num_classes, precision,
+                                                  device), prefix="val")
         sums = all_reduce_sum(torch.stack([stats.loss_sum, stats.correct, stats.count.double()]))
         first_bad = all_reduce_min(torch.where(stats.first_bad_step >= 0, stats.first_bad_step, NEVER))
         metrics = {
