@@ -204,10 +204,14 @@ def cover_and_crop(img, height: int, width: int):
 
 
 def with_channels(img, channels: int):
-    """(C, H, W) with C in 1..4 -> (channels, H, W). Training stacks images into one tensor,
-    so one set must not mix grey and colour; alpha is dropped (JPEG cannot hold it)."""
+    """(C, H, W) with C in 1..4, uint8 or uint16 (16-bit PNG) -> uint8 (channels, H, W).
+    Training stacks images into one tensor, so one set must not mix grey and colour;
+    alpha is dropped (JPEG cannot hold it)."""
+    import torch
     from torchvision.transforms.v2 import functional as F
 
+    if img.dtype != torch.uint8:  # the encoders take uint8 only
+        img = F.to_dtype(img, torch.uint8, scale=True)
     if img.shape[0] in (2, 4):
         img = img[: img.shape[0] - 1]
     if img.shape[0] == channels:

@@ -113,6 +113,27 @@ def test_image_size_gives_exact_size_and_training_reader_decodes(folder, tmp_pat
     assert y.tolist() == [CLASSES.index(p.split("/")[0]) for p, _, _ in rows(dst)]
 
 
+def test_16_bit_alpha_and_grey_become_uint8_rgb(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "src" / "odd"
+    src.mkdir(parents=True)
+    pixels = {"deep16.png": np.arange(100 * 60, dtype=np.uint16).reshape(100, 60) * 10,
+              "rgba.png": np.full((30, 50, 4), 200, np.uint8), "grey_alpha.png": np.full((40, 40, 2), 9, np.uint8),
+              "grey.jpg": np.full((20, 20), 77, np.uint8)}
+    for name, array in pixels.items():
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG" if name.endswith(".jpg") else "PNG")
+        (src / name).write_bytes(buffer.getvalue())
+    dst = tmp_path / "dst"
+    assert convert_cli(tmp_path / "src", dst, "--image-size", 8, 8, "--format", "png") == 0
+    images = [decode_image(torch.frombuffer(bytearray(image), dtype=torch.uint8)) for _, _, image in rows(dst)]
+    assert len(images) == 4 and all(i.dtype == torch.uint8 and tuple(i.shape) == (3, 8, 8) for i in images)
+
+
 def test_format_keep_copies_bytes_untouched(folder, tmp_path):
     dst = tmp_path / "dst"
     assert convert_cli(folder, dst, "--format", "keep", "--shard-mb", 0.02) == 0
