@@ -238,7 +238,11 @@ def convert_one(fs: pafs.FileSystem, root: str, source: SourceFile, cfg: Convert
     try:  # decoded even for --format keep: training must be able to decode every row
         img = decode_image(data, source.relative)
     except DataError as e:
-        return Converted(source, None, str(e).removeprefix(f"{source.relative}: "))
+        # torchvision reads jpeg/png/webp/gif only; what it cannot read is kept only if PIL
+        # can and the bytes are re-encoded (BMP, TIFF, ...): training decodes with torchvision.
+        img = None if cfg.format == "keep" else decode_with_pil(data)
+        if img is None:
+            return Converted(source, None, _short(str(e).removeprefix(f"{source.relative}: ")))
     if cfg.format == "keep":
         return Converted(source, data)
     img = with_channels(img, cfg.channels)
@@ -247,7 +251,30 @@ def convert_one(fs: pafs.FileSystem, root: str, source: SourceFile, cfg: Convert
     try:
         return Converted(source, encode(img, cfg.format, cfg.quality))
     except RuntimeError as e:  # e.g. a channel count the encoder refuses
-        return Converted(source, None, f"cannot encode as {cfg.format}: {e}")
+        return Converted(source, None, _short(f"cannot encode as {cfg.format}: {e}"))
+
+
+def decode_with_pil(data: bytes):
+    """Encoded bytes -> uint8 (C, H, W) through PIL, or None where PIL cannot read them either."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = im if im.mode in ("L", "LA", "RGB", "RGBA") else im.convert("RGB")
+            array = np.asarray(im)
+    except (UnidentifiedImageError, OSError, ValueError):  # PIL's ways of saying "not an image"
+        return None
+    return torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
+
+
+def _short(error: str, limit: int = 300) -> str:
+    """One line for the bad-files report (torchvision's messages carry C++ source paths)."""
+    error = " ".join(error.split())
+    return error if len(error) <= limit else error[: limit - 3] + "..."
 
 
 def ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
@@ -345,14 +372,19 @@ def start_manifest(dst: Destination, cfg: ConvertConfig, listing: Listing) -> di
                             "refusing to mix shards: choose an empty destination")
         dst.write_json(MANIFEST, fresh)  # before any shard, so every shard has a manifest
         return fresh
-    differ = [k for k in ("fingerprint", "options", "classes") if old.get(k) != fresh[k]]
-    if old.get("version") != MANIFEST_VERSION or differ:
-        detail = "; ".join(f"{k}: was {old.get(k)}, now {fresh[k]}" for k in differ if k != "fingerprint")
-        if "fingerprint" in differ:
-            detail = "the source files changed since that run" + (f"; {detail}" if detail else "")
-        raise DataError(f"DST {dst.location!r} holds a conversion with other inputs ({detail or 'other manifest version'}). "
+    if old.get("version") != MANIFEST_VERSION or old.get("fingerprint") != fresh["fingerprint"] or \
+            old.get("options") != fresh["options"] or old.get("classes") != fresh["classes"]:
+        raise DataError(f"DST {dst.location!r} holds a conversion with other inputs ({_differences(old, fresh)}). "
                         "Re-run with the same SRC and options to resume it, or choose an empty destination")
     return old
+
+
+def _differences(old: dict, new: dict) -> str:
+    found = [f"--{k.replace('_', '-')}: was {old['options'].get(k)!r}, now {v!r}"
+             for k, v in new["options"].items() if (old.get("options") or {}).get(k) != v]
+    if old.get("fingerprint") != new["fingerprint"] or old.get("classes") != new["classes"]:
+        found.insert(0, "the source files changed since that run")
+    return "; ".join(found) or f"a manifest of version {old.get('version')}, not {MANIFEST_VERSION}"
 
 
 # -- the whole conversion -------------------------------------------------------------------

@@ -10,12 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 from torchvision.io import decode_image, encode_jpeg, encode_png
 
 from cluster.cli import main
@@ -24,7 +26,8 @@ from cluster.convert import MANIFEST, SUCCESS, ConvertConfig, convert
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["cat", "dog", "eel"]
 SIZES = [(20, 30), (33, 17), (24, 24), (16, 40)]
-PER_CLASS = 8  # good images per class
+PER_CLASS = 8  # jpeg/png images per class, plus one BMP in eel
+GOOD = 3 * PER_CLASS + 1
 BAD = {"cat/broken.jpg": b"this is not a jpeg at all", "dog/empty.png": b""}
 IGNORED = ["eel/notes.txt", "README.md"]
 
@@ -40,6 +43,9 @@ def make_folder(root: Path, per_class: int = PER_CLASS, sizes=SIZES) -> Path:
             img = torch.randint(0, 256, (channels, h, w), dtype=torch.uint8, generator=gen)
             data = encode_png(img) if i % 2 else encode_jpeg(img, quality=95)
             (root / cls / f"{cls}{i:02d}.{'png' if i % 2 else 'jpg'}").write_bytes(data.numpy().tobytes())
+    bmp = BytesIO()
+    Image.fromarray(torch.randint(0, 256, (10, 14, 3), dtype=torch.uint8, generator=gen).numpy()).save(bmp, "BMP")
+    (root / "eel" / "eel_bitmap.bmp").write_bytes(bmp.getvalue())  # torchvision cannot decode BMP
     for rel, data in BAD.items():
         (root / rel).write_bytes(data)
     for rel in IGNORED:
@@ -73,7 +79,7 @@ def test_converts_folder_into_shards_training_layout(folder, tmp_path, capsys):
     dst = tmp_path / "dst"
     assert convert_cli(folder, dst, "--shard-mb", 0.01, "--format", "png") == 0
     out = capsys.readouterr()
-    assert "converted 24 images of 3 classes" in out.out and "2 bad files" in out.out and "2 ignored" in out.out
+    assert f"converted {GOOD} images of 3 classes" in out.out and "2 bad files" in out.out and "2 ignored" in out.out
 
     files = shards(dst)
     assert [f.name for f in files] == [f"part-{i:05d}.parquet" for i in range(len(files))]
@@ -85,13 +91,13 @@ def test_converts_folder_into_shards_training_layout(folder, tmp_path, capsys):
     assert json.loads(meta[b"classes"]) == CLASSES and meta[b"format"] == b"png"
 
     got = rows(dst)
-    assert len(got) == 3 * PER_CLASS == len({p for p, _, _ in got})  # exact count, no duplicates
+    assert len(got) == GOOD == len({p for p, _, _ in got})  # exact count, no duplicates
     for path, label, image in got:
         assert CLASSES[label] == path.split("/")[0]
         assert image[:8] == b"\x89PNG\r\n\x1a\n"
-        original = decode_image(torch.frombuffer(bytearray((folder / path).read_bytes()), dtype=torch.uint8))
+        width, height = Image.open(folder / path).size
         converted = decode_image(torch.frombuffer(bytearray(image), dtype=torch.uint8))
-        assert tuple(converted.shape) == (3, *original.shape[1:])  # size kept; grey became RGB
+        assert tuple(converted.shape) == (3, height, width)  # size kept; grey became RGB
     # shuffled before sharding: shards mix classes instead of running through them in order
     assert sum(len(set(pq.read_table(f)["label"].to_pylist())) > 1 for f in files) >= len(files) // 2
 
@@ -99,7 +105,7 @@ def test_converts_folder_into_shards_training_layout(folder, tmp_path, capsys):
         bad = {r["path"]: r["error"] for r in csv.DictReader(f)}
     assert set(bad) == set(BAD) and "empty" in bad["dog/empty.png"] and "not a readable image" in bad["cat/broken.jpg"]
     summary = json.loads((dst / SUCCESS).read_text())
-    assert (summary["images"], summary["shards"], summary["bad_files"], summary["ignored_files"]) == (24, len(files), 2, 2)
+    assert (summary["images"], summary["shards"], summary["bad_files"], summary["ignored_files"]) == (GOOD, len(files), 2, 2)
 
 
 def test_image_size_gives_exact_size_and_training_reader_decodes(folder, tmp_path):
@@ -109,7 +115,7 @@ def test_image_size_gives_exact_size_and_training_reader_decodes(folder, tmp_pat
     assert convert_cli(folder, dst, "--image-size", 12, 20, "--format", "jpeg", "--quality", 80) == 0
     assert len(shards(dst)) == 1  # default 128 MiB
     x, y, _ = read_parquet_images(shards(dst)[0])
-    assert x.shape[0] == 24 and tuple(x.shape[2:]) == (12, 20)  # mixed sources, one size out
+    assert x.shape[0] == GOOD and tuple(x.shape[2:]) == (12, 20)  # mixed sources, one size out
     assert y.tolist() == [CLASSES.index(p.split("/")[0]) for p, _, _ in rows(dst)]
 
 
@@ -138,7 +144,8 @@ def test_format_keep_copies_bytes_untouched(folder, tmp_path):
     dst = tmp_path / "dst"
     assert convert_cli(folder, dst, "--format", "keep", "--shard-mb", 0.02) == 0
     got = rows(dst)
-    assert len(got) == 24
+    assert len(got) == GOOD - 1  # training could not decode the BMP's bytes: a bad file here
+    assert "eel/eel_bitmap.bmp" in (dst / "_bad_files.csv").read_text()
     assert all(image == (folder / path).read_bytes() for path, _, image in got)
     assert pq.read_table(shards(dst)[0]).schema.metadata[b"format"] == b"original"
 
@@ -166,7 +173,7 @@ def test_resume_after_stop_equals_a_clean_run(folder, tmp_path, capsys):
     before = {f.name: f.stat().st_mtime_ns for f in shards(resumed)}
     capsys.readouterr()
     assert convert_cli(folder, resumed, "--shard-mb", 0.01, "--format", "png") == 0
-    assert "converted 24 images" in capsys.readouterr().out
+    assert f"converted {GOOD} images" in capsys.readouterr().out
     assert {f.name: f.stat().st_mtime_ns for f in shards(resumed)} == before
 
 
@@ -176,7 +183,7 @@ def test_resume_with_other_options_or_changed_source_is_refused(folder, tmp_path
     capsys.readouterr()
     assert convert_cli(folder, dst, "--shard-mb", 0.01, "--format", "jpeg") == 2
     err = capsys.readouterr().err
-    assert str(dst) in err and "options" in err and "'format': 'png'" in err
+    assert str(dst) in err and "--format: was 'png', now 'jpeg'" in err and "--shard-mb" not in err
     (folder / "cat" / "new.png").write_bytes((folder / "cat" / "cat01.png").read_bytes())
     assert convert_cli(folder, dst, "--shard-mb", 0.01, "--format", "png") == 2
     assert "source files changed" in capsys.readouterr().err
@@ -201,7 +208,7 @@ def test_killed_process_resumes(tmp_path):
     assert main(cmd[3:]) == 0  # the resume itself need not pay for another interpreter
     convert(ConvertConfig(str(src), str(clean), shard_mb=0.0001, format="png"), progress=False)
     assert [f.name for f in shards(dst)] == [f.name for f in shards(clean)]
-    assert rows(dst) == rows(clean) and len(rows(dst)) == 75
+    assert rows(dst) == rows(clean) and len(rows(dst)) == 3 * 25 + 1
 
 
 def test_refused_requests_exit_2(folder, tmp_path, capsys):
@@ -242,7 +249,7 @@ def test_convert_to_and_from_s3(s3_server, folder, tmp_path):
     parts = [n for n in names if n.endswith(".parquet")]
     assert {MANIFEST, SUCCESS, "_bad_files.csv"} <= set(names) and not any(n.endswith(".tmp") for n in names)
     table = pq.read_table([f"{root}/{n}" for n in parts], filesystem=fs)
-    assert table.num_rows == 24 and sorted(set(table["label"].to_pylist())) == [0, 1, 2]
+    assert table.num_rows == GOOD and sorted(set(table["label"].to_pylist())) == [0, 1, 2]
 
     # An S3 source (directories exist only as key prefixes there) and a local destination,
     # stopped once and resumed: same rows as the local-to-S3 run.
