@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import uuid
 from collections import deque
@@ -273,7 +274,7 @@ def decode_with_pil(data: bytes):
 
 def _short(error: str, limit: int = 300) -> str:
     """One line for the bad-files report (torchvision's messages carry C++ source paths)."""
-    error = " ".join(error.split())
+    error = re.sub(r"\w+, /\S+\.(?:cpp|h):\d+, ", "", " ".join(error.split()))
     return error if len(error) <= limit else error[: limit - 3] + "..."
 
 
