@@ -19,6 +19,8 @@ setup(
         "scikit-learn>=1.3",
         "pandas>=2.0",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "duckdb", "polars"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "duckdb", "polars",
+                            # 5.2.2: pyarrow's S3 writes fail on 5.2.1 (getmoto/moto#10055)
+                            "moto[server]>=5.2.2", "boto3"]},
     entry_points={"console_scripts": ["raysweep=cluster.cli:main"]},
 )

@@ -40,3 +40,27 @@ def tiny_parquet(tmp_path):
     write_parquet_images(tmp_path / "train.parquet", split.x[:320], split.y[:320], classes)
     write_parquet_images(tmp_path / "test.parquet", split.x[320:], split.y[320:], classes)
     return tmp_path
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3-protocol server (moto) on loopback; yields its endpoint URL with the
+    environment set so that boto3 and ``pyarrow.fs.FileSystem.from_uri("s3://...")`` use it.
+    Buckets must be created first (boto3), as on real S3."""
+    import moto
+    from moto.server import ThreadedMotoServer
+
+    if tuple(int(p) for p in moto.__version__.split(".")[:3]) < (5, 2, 2):
+        # moto 5.2.1 answers CompleteMultipartUpload with the wrong XML root (getmoto/moto#10055)
+        # and every pyarrow write then fails after retries.
+        pytest.fail(f"moto {moto.__version__} breaks pyarrow's S3 writes; pip install 'moto[server]>=5.2.2'")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(key, value)
+    yield endpoint
+    server.stop()
