@@ -38,14 +38,13 @@ import pyarrow.parquet as pq
 
 from trainers.configtools import ConfigError
 from trainers.data import IMAGE_SUFFIXES, DataError, decode_image
+from trainers.uris import file_info as _info
+from trainers.uris import open_location
 
 FORMATS = ("jpeg", "png", "keep")
 MANIFEST, SUCCESS, BAD_FILES = "_convert_manifest.json", "_SUCCESS", "_bad_files.csv"
 MANIFEST_VERSION = 1
 SHUFFLE_SEED = 0  # fixed: the shard contents must not change between a run and its resume
-# S3 defaults retry for minutes on a dead endpoint; a refused request should say so in seconds.
-# (The request timeout stays the SDK's: a shard's upload may take long.)
-S3_CONNECT_TIMEOUT_S, S3_MAX_ATTEMPTS = 3.0, 3
 
 
 @dataclass(frozen=True)
@@ -97,32 +96,6 @@ def _norm(location: str) -> str:
 
 
 # -- filesystems ------------------------------------------------------------------------
-
-
-def open_location(location: str, role: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or a pyarrow.fs URI -> (filesystem, path in it). S3 gets short timeouts
-    and few retries so that an unreachable endpoint is reported within seconds."""
-    if "://" not in location:
-        return pafs.LocalFileSystem(), _norm(location)
-    try:
-        fs, path = pafs.FileSystem.from_uri(location)
-        if isinstance(fs, pafs.S3FileSystem) and "?" not in location:
-            # from_uri cannot set timeouts, so rebuild it. from_uri reads AWS_ENDPOINT_URL
-            # but the constructor does not (pyarrow 26): pass it on explicitly.
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            fs = pafs.S3FileSystem(region=fs.region, endpoint_override=endpoint,
-                                   connect_timeout=S3_CONNECT_TIMEOUT_S,
-                                   retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{role} {location!r}: cannot open ({e})") from None
-    return fs, path.rstrip("/")
-
-
-def _info(fs: pafs.FileSystem, path: str, location: str, role: str) -> pafs.FileInfo:
-    try:
-        return fs.get_file_info(path)
-    except OSError as e:
-        raise DataError(f"{role} {location!r}: unreachable or not readable ({e})") from None
 
 
 # -- the source listing -----------------------------------------------------------------

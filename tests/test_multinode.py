@@ -2,7 +2,8 @@
 (2 logical CPUs each, more than the machine's real cores; that is fine here).
 
 (a) data-parallel training with SPREAD places its workers on different nodes and learns as
-    well as on one node; (c) a search's trials run on different nodes; (b) a worker node
+    well as on one node; (c) a search's trials run on different nodes; (d) a streamed set's
+    decode tasks run on a node the trainers leave free; (b) a worker node
     removed mid-training: the run resumes from its last checkpoint on the nodes that
     remain, completes, and keeps every epoch once. (b) runs last: it takes a node away.
 
@@ -110,6 +111,26 @@ def test_a_searchs_trials_run_on_different_nodes(cluster, tmp_path):
     print(f"{len(trials)} trial actors ({trials[0].class_name if trials else '-'}) on nodes {sorted(n[:8] for n in nodes)}")
     assert len(trials) == 3 and len(nodes) == 3
     assert ResultsStore(str(tmp_path), "spread-search").read_table("trials.parquet").num_rows == 3
+
+
+def test_a_streamed_run_decodes_on_nodes_other_than_the_trainers(cluster, tmp_path):
+    """Two workers take a whole node each (SPREAD), so Ray Data's read-and-decode tasks can
+    only run on the third node: the state API shows where they ran."""
+    from ray.util.state import list_tasks
+
+    from test_streaming import mixed_size_folder  # tests/ is on sys.path (pytest rootdir-less modules)
+
+    root = mixed_size_folder(tmp_path / "folder", n=240)
+    cfg = load_run_config(None, ["data.name=imagefolder", f"data.root={root}", "data.image_size=16",
+                                 "data.streaming=true", "data.train_crop=random", "train.epochs=2"])
+    before = _train_workers()
+    placement = Placement(workers=2, cpus_per_worker=CPUS_PER_NODE, strategy="SPREAD")
+    summary = train_cmd.run(train_cmd.TrainRequest(cfg, placement, str(tmp_path), "streamed"))
+    trainer_nodes = {node for actor, node in _train_workers().items() if actor not in before}
+    decode_nodes = {t.node_id for t in list_tasks(limit=10_000) if "decode_batch" in (t.name or "") and t.node_id}
+    print(f"trainers on {sorted(n[:8] for n in trainer_nodes)}, decode tasks on {sorted(n[:8] for n in decode_nodes)}")
+    assert summary["status"] == "completed" and summary["epochs_run"] == 2
+    assert len(trainer_nodes) == 2 and decode_nodes and not decode_nodes & trainer_nodes
 
 
 def test_a_node_lost_mid_training_resumes_from_its_checkpoint_on_the_nodes_left(cluster, tmp_path):

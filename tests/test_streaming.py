@@ -145,6 +145,9 @@ def test_train_streams_a_mixed_size_folder_with_two_workers(tmp_path, capsys):
 
 def test_train_streams_parquet_shards_from_s3(tmp_path, s3_server, capsys):
     import boto3
+    import ray
+
+    ray.shutdown()  # the embedded Ray that main() starts must inherit the S3 environment
 
     split, _, classes = DATASETS["synthetic"](DataConfig(name="synthetic", num_samples=360, image_size=12,
                                                          num_classes=3))

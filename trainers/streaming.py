@@ -31,6 +31,8 @@ import torch
 from trainers.config import DataConfig
 from trainers.data import IMAGE_SUFFIXES, DataError, channel_stats, decode_classes
 from trainers.preprocess import resize
+from trainers.uris import file_info, open_location
+from trainers.uris import short as _short
 
 # ``auto`` streams a set whose decoded training images exceed this, or a tenth of the
 # machine's memory, whichever is less: decoded sets below it train faster from memory.
@@ -41,32 +43,18 @@ STREAMED_KINDS = ("parquet", "imagefolder")
 
 
 def open_fs(location: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or pyarrow.fs URI -> (filesystem, path within it); errors name the URI."""
-    if "://" not in location:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
-    try:
-        return pafs.FileSystem.from_uri(location)
-    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise DataError(f"{location}: cannot open this URI ({_short(e)})") from None
-
-
-def _short(e: Exception, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[:limit] + "…"
+    return open_location(location, "data.root")
 
 
 def _info(fs: pafs.FileSystem, path: str, location: str) -> pafs.FileInfo:
-    try:
-        return fs.get_file_info(path)
-    except OSError as e:  # unreachable endpoint, bad credentials, missing bucket
-        raise DataError(f"{location}: cannot read ({_short(e)})") from None
+    return file_info(fs, path, location, "data.root")
 
 
 def _listing(fs: pafs.FileSystem, path: str, location: str) -> list[pafs.FileInfo]:
     try:
         return fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except OSError as e:
-        raise DataError(f"{location}: cannot list ({_short(e)})") from None
+        raise DataError(f"data.root {location!r}: cannot list ({_short(e)})") from None
 
 
 @dataclass(frozen=True)

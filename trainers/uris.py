@@ -1,0 +1,48 @@
+"""Local paths and pyarrow.fs URIs (``s3://``, ``gs://``, ``file://``) opened one way, for
+data readers, ``raysweep data convert`` and whatever else reads a user's location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from trainers.data import DataError
+
+# S3 defaults retry for minutes on a dead endpoint; a refused request should say so in seconds.
+# (The request timeout stays the SDK's: a shard's upload may take long.)
+S3_CONNECT_TIMEOUT_S, S3_MAX_ATTEMPTS = 3.0, 3
+
+
+def short(e: Exception, limit: int = 300) -> str:
+    """An exception's text on one line, at most ``limit`` characters."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def open_location(location: str, role: str = "data.root") -> tuple[pafs.FileSystem, str]:
+    """A local path or a pyarrow.fs URI -> (filesystem, path in it). S3 gets short timeouts
+    and few retries so that an unreachable endpoint is reported within seconds; errors name
+    ``role`` (the option or key) and the location."""
+    if "://" not in location:
+        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    try:
+        fs, path = pafs.FileSystem.from_uri(location)
+        if isinstance(fs, pafs.S3FileSystem) and "?" not in location:
+            # from_uri cannot set timeouts, so rebuild it. from_uri reads AWS_ENDPOINT_URL
+            # but the constructor does not (pyarrow 26): pass it on explicitly.
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            fs = pafs.S3FileSystem(region=fs.region, endpoint_override=endpoint,
+                                   connect_timeout=S3_CONNECT_TIMEOUT_S,
+                                   retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS))
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{role} {location!r}: cannot open ({short(e)})") from None
+    return fs, path.rstrip("/")
+
+
+def file_info(fs: pafs.FileSystem, path: str, location: str, role: str = "data.root") -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path)
+    except OSError as e:  # unreachable endpoint, bad credentials, missing bucket
+        raise DataError(f"{role} {location!r}: unreachable or not readable ({short(e)})") from None
