@@ -34,6 +34,7 @@ from trainers.checkpoints import load_state, save_state
 from trainers.config import TrainRunConfig
 from trainers.data import ImageData
 from trainers.loop import WorkerContext, fit
+from trainers.process_group import LoopbackTorchConfig
 
 # Fault drill: with "EPOCH:MARKER_FILE" in this variable of the launching process, rank 1
 # (or 0 if alone) dies once, just before it reports EPOCH, so tests (and users) can check
@@ -301,6 +302,7 @@ def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: 
         train_loop_per_worker,
         train_loop_config={"run": cfg.to_dict(), "data": data, "fault": os.environ.get(FAULT_ENV)},
         scaling_config=placement.scaling_config(),
+        torch_config=LoopbackTorchConfig(),  # the process group stays on loopback when Ray is
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
