@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import ray
@@ -135,3 +136,26 @@ def test_resume_refuses_run_files_that_others_can_write(tmp_path, capsys):
     (run / "tuner.pkl").chmod(0o666)
     assert main(["tune", "--space", "digits_cnn", "--storage", str(tmp_path), "--name", "r", "--resume"]) == 2
     assert f"{run / 'tuner.pkl'} (mode 0666) is writable by other users" in capsys.readouterr().err
+
+
+def test_a_checkpoint_whose_unpickling_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    import torch
+
+    from trainers.checkpoints import CheckpointError, load_state
+
+    marker = tmp_path / "pwned"
+    planted = tmp_path / "checkpoint_000001"
+    planted.mkdir()
+    torch.save({"model": {}, "meta": _Planted(marker)}, planted / "state.pt")  # pickles the call, runs nothing
+    with pytest.raises(CheckpointError, match="refusing to load; it needs arbitrary unpickling"):
+        load_state(planted)  # what resume, predict, export and the test evaluation all call
+    assert not marker.exists()
+
+
+def test_every_torch_load_in_raysweep_is_weights_only():
+    root = Path(__file__).resolve().parents[1]
+    calls = [(path.relative_to(root), line.strip())
+             for package in ("cluster", "trainers", "search_spaces", "benchmarks")
+             for path in sorted((root / package).rglob("*.py"))
+             for line in path.read_text().splitlines() if "torch.load(" in line]
+    assert calls and all("weights_only=True" in line for _, line in calls), calls
