@@ -104,7 +104,15 @@ def make_private_dirs(store: ResultsStore) -> None:
         return
     storage = Path(store.root).parent
     for path in reversed([p for p in (storage, *storage.parents) if not p.exists()]):
-        path.mkdir(mode=0o755)
+        try:
+            path.mkdir(mode=0o755)
+        except FileExistsError:  # made meanwhile, maybe by someone else: checked below
+            continue
+        except OSError as e:
+            raise ConfigError([f"--storage: cannot create {path} ({e.strerror or e}); "
+                               "give a directory you can write"]) from None
+    if (problem := _problem_with(storage, must_be_private=True)):
+        raise ConfigError([f"--storage: {problem}"])
 
 
 def check_run_target(storage: str, name: str, resume: bool, command: str) -> ResultsStore:

@@ -70,6 +70,7 @@ def test_a_two_worker_train_run_listens_only_on_loopback(tmp_path):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux names its loopback interface lo")
 def test_only_loopback_master_addresses_take_the_loopback_path():
     from trainers.process_group import is_loopback, loopback_interface
 
