@@ -34,7 +34,10 @@ def add_common(p: argparse.ArgumentParser, storage: bool = True) -> None:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
     if storage:
         p.add_argument("--storage", default="./runs", help="local directory or pyarrow.fs URI (default ./runs)")
-        p.add_argument("--name", help="run name; re-running a name resumes it (default: a timestamped name)")
+        p.add_argument("--name", help="run name, one path component (default: a timestamped name); "
+                       "an existing name is refused unless --resume")
+        p.add_argument("--resume", action="store_true",
+                       help="continue the run --name NAME (loads its saved state: resume only from trusted storage)")
 
 
 def add_config(p: argparse.ArgumentParser) -> None:
@@ -61,7 +64,10 @@ def _train(args) -> int:
     if args.workers < 1:
         raise ConfigError([f"--workers: {args.workers} must be >= 1"])
     placement = Placement(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker)
-    req = train_cmd.TrainRequest(cfg, placement, args.storage, args.name or train_cmd.default_name(cfg), args.address)
+    if args.resume and args.name is None:
+        raise ConfigError(["--resume: name the run to continue with --name NAME"])
+    name = train_cmd.default_name(cfg) if args.name is None else args.name  # "" is refused, not defaulted
+    req = train_cmd.TrainRequest(cfg, placement, args.storage, name, args.address, resume=args.resume)
     summary = train_cmd.run(req)
     return EXIT_OK if summary["status"] in (train_cmd.COMPLETED, train_cmd.EARLY_STOPPED) else EXIT_FAILED
 
@@ -82,6 +88,9 @@ def _import_commands() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # What raysweep (and the local Ray it starts) writes is not writable by group or others:
+    # run directories hold state that a resume loads (cluster/guard.py).
+    os.umask(os.umask(0o022) | 0o022)
     args = build_parser().parse_args(argv)
     run = COMMANDS[args.command][2]
     from cluster.connect import ClusterError

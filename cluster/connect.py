@@ -14,11 +14,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import ray
-import yaml
 
 from cluster.auth import secure_token_file
 from trainers.distributed import Placement
 from trainers.memory import malloc_env
+from trainers.yamlfile import load_yaml_file
 
 
 class ClusterError(RuntimeError):
@@ -162,7 +162,7 @@ def autoscaler_ceiling(bootstrap: Path | None = None) -> dict[str, float]:
     if not bootstrap.is_file():
         return {}
     total: dict[str, float] = {}
-    for node_type in (yaml.safe_load(bootstrap.read_text()) or {}).get("available_node_types", {}).values():
+    for node_type in (load_yaml_file(bootstrap, "") or {}).get("available_node_types", {}).values():
         for key, value in (node_type.get("resources") or {}).items():
             total[key] = total.get(key, 0.0) + float(value) * node_type.get("max_workers", 0)
     return total

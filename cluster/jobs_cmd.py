@@ -32,7 +32,8 @@ from urllib.parse import urlparse
 from cluster.auth import AUTH_MODE_ENV, Token, ensure_token, find_token, refused_message
 from cluster.cli import EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_OK, command
 from cluster.connect import ClusterError, _check_reachable
-from trainers.configtools import ConfigError
+from cluster.guard import check_name
+from trainers.configtools import ConfigError, shown
 
 DEFAULT_JOB_ADDRESS = "http://127.0.0.1:8265"
 SUBMITTABLE = ("train", "tune")  # subcommands that make sense as a job
@@ -179,6 +180,14 @@ def _drop_option(argv: list[str], option: str) -> list[str]:
     return kept
 
 
+def _name_problem(name: str) -> str | None:
+    try:
+        check_name(name)
+    except ConfigError as e:
+        return e.problems[0]
+    return None
+
+
 def job_spec(inner: list[str], name: str | None = None, working_dir: str | None = None,
              local_cluster: bool = True) -> JobSpec:
     """Check the arguments of the command to run (as this CLI parses them) and build the job."""
@@ -197,8 +206,13 @@ def job_spec(inner: list[str], name: str | None = None, working_dir: str | None 
     problems = []
     if parsed.address:
         problems.append("--address after --: a job runs on the cluster it was sent to; give --address to submit")
+    for given in (name, parsed.name):  # refused here: the job would only refuse it later, on the cluster
+        if given is not None and (p := _name_problem(given)):
+            problems.append(p)
     if name and parsed.name and name != parsed.name:
-        problems.append(f"--name: {name!r} (submit) and {parsed.name!r} (after --) differ; give one")
+        problems.append(f"--name: {shown(name)} (submit) and {shown(parsed.name)} (after --) differ; give one")
+    if parsed.resume and name is None and parsed.name is None:
+        problems.append("--resume: name the run to continue with --name NAME")
     root = Path(working_dir).expanduser().resolve() if working_dir else project_root()
     if not (root / "cluster" / "cli.py").is_file():
         problems.append(f"--working-dir: {root} holds no cluster/cli.py; give a raysweep checkout")

@@ -10,6 +10,7 @@ import ray.train
 
 from cluster.callbacks import TrainHistoryCallback
 from cluster.connect import check_fits, connect
+from cluster.guard import check_run_target
 from cluster.plots import training_curves
 from cluster.store import ResultsStore
 from trainers.checkpoints import evaluate_state, load_state
@@ -32,6 +33,7 @@ class TrainRequest:
     storage: str
     name: str
     address: str | None = None
+    resume: bool = False  # continue the run at <storage>/<name>; without it that name must be new
 
 
 def default_name(cfg: TrainRunConfig, kind: str = "train") -> str:
@@ -62,11 +64,11 @@ def evaluate_on_test(checkpoint: ray.train.Checkpoint, data_ref, use_gpu: bool) 
 
 def run(req: TrainRequest, data: ImageData | None = None) -> dict:
     """Train, evaluate the best checkpoint on the test split, write the results; returns the summary."""
+    store = check_run_target(req.storage, req.name, req.resume, "train")  # before Ray starts
     data = data or load_for_training(req.cfg)  # before Ray starts: data errors come first
     streamed = isinstance(data, StreamPlan)
     connect(req.address, dashboard=EMBEDDED_DASHBOARD)
     check_fits(req.placement, reserve_cpus=DECODE_CPUS if streamed else 0.0)
-    store = ResultsStore(req.storage, req.name)
     data_ref = data if streamed else ray.put(data)
     started = time.time()
     print(f"raysweep train: {req.name}: {req.cfg.model.name} on {req.cfg.data.name} ({_describe(data)}), "

@@ -10,14 +10,15 @@ import pyarrow as pa
 
 from cluster.cli import EXIT_FAILED, EXIT_OK, add_common, add_config, command
 from cluster.connect import capacity, check_fits, connect
+from cluster.guard import check_run_target, safe_name_part
 from cluster.plots import importance, learning_curves, optimisation_history
 from cluster.store import ResultsStore
 from cluster.train_cmd import evaluate_on_test
 from cluster.tune_results import COMPLETED, EARLY_STOPPED, SearchResultsCallback
 from search_spaces.space import SearchSpace, load_space
-from search_spaces.tuner import SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, concurrency
+from search_spaces.tuner import SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, check_restorable, concurrency
 from trainers.config import load_run_values
-from trainers.configtools import merge
+from trainers.configtools import ConfigError, merge
 from trainers.streaming import DECODE_CPUS, StreamPlan, load_for_training
 from trainers.distributed import Placement
 from ray.train import Checkpoint
@@ -33,7 +34,7 @@ class TuneRequest:
     storage: str
     name: str
     address: str | None = None
-    resume: bool = True
+    resume: bool = False  # continue the search at <storage>/<name>; without it that name must be new
 
 
 def _arguments(p):
@@ -56,8 +57,6 @@ def _arguments(p):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--trial-retries", type=int, default=d.trial_max_failures,
                    help="restarts of a trial that raised (from its last checkpoint) before it counts as failed")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the search named --name (re-running a name does this too)")
 
 
 @command("tune", "search hyperparameters with Ray Tune + Optuna (TPE) and ASHA")(_arguments)
@@ -70,12 +69,11 @@ def _tune(args) -> int:
                           scheduler=args.scheduler, grace_period=min(args.grace_period, args.max_epochs),
                           reduction_factor=args.reduction_factor, concurrent=args.concurrent, seed=args.seed,
                           placement=placement, trial_max_failures=args.trial_retries).validate()
-    if args.resume and not args.name:
-        from trainers.configtools import ConfigError
-
+    if args.resume and args.name is None:
         raise ConfigError(["--resume: name the search to continue with --name NAME"])
-    name = args.name or f"tune-{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    req = TuneRequest(space, user, search, args.storage, name, args.address)
+    name = (f"tune-{safe_name_part(space.name)}-{time.strftime('%Y%m%d-%H%M%S')}" if args.name is None
+            else args.name)  # "" is refused, not defaulted
+    req = TuneRequest(space, user, search, args.storage, name, args.address, resume=args.resume)
     best = run(req)
     return EXIT_OK if best.get("status") == "ok" else EXIT_FAILED
 
@@ -89,13 +87,15 @@ def run(req: TuneRequest) -> dict:
     """Run (or resume) the search; returns what best.json holds."""
     base = base_config(req)
     probe = req.space.trial_config(base, req.space.default_point())  # config errors before Ray starts
+    store = check_run_target(req.storage, req.name, req.resume, "tune")
+    if req.resume:
+        check_restorable(store.uri)
     data = load_for_training(probe)
     reserve = DECODE_CPUS if isinstance(data, StreamPlan) else 0.0  # a streamed set's decode tasks
     connect(req.address)
     resources = capacity()
     concurrent = concurrency(req.search, {**resources, "CPU": resources.get("CPU", 0.0) - reserve})
     check_fits(req.search.placement, concurrent=1, driver_cpus=req.search.driver_cpus, reserve_cpus=reserve)
-    store = ResultsStore(req.storage, req.name)
     local_dir = store.local_path("")
     print(f"raysweep tune: {req.name}: space {req.space.name}, {req.search.trials} trials x up to "
           f"{req.search.max_epochs} epochs, {req.search.placement.workers} worker(s) per trial, {concurrent} at once, "

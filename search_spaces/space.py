@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from trainers.config import EARLY_STOP_METRICS, TrainRunConfig
 from trainers.configtools import ConfigError, merge, set_path
 from trainers.registry import Registry
+from trainers.yamlfile import load_yaml_file
 
 SPACES_DIR = Path(__file__).parent
 DISTRIBUTIONS: Registry = Registry("distribution")
@@ -267,8 +266,4 @@ def load_space(name_or_path: str) -> SearchSpace:
             raise ConfigError([f"--space: {name_or_path!r} is neither a file nor a shipped space; "
                                f"shipped: {', '.join(shipped_spaces())}"])
         path = SPACES_DIR / f"{name_or_path}.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError([f"--space {path}: not valid YAML ({e})"]) from None
-    return parse_space(raw, str(path))
+    return parse_space(load_yaml_file(path, "--space"), str(path))

@@ -274,13 +274,23 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def check_restorable(experiment_uri: str) -> None:
+    """``--resume`` of a directory that holds no Tune search (e.g. a train run's) is refused
+    rather than silently starting a new search there."""
+    if not tune.Tuner.can_restore(experiment_uri):
+        raise ConfigError([f"--resume: {experiment_uri} holds no Tune search to resume (no experiment state); "
+                           "check --name, or drop --resume and choose a new --name"])
+
+
 def build_tuner(space: SearchSpace, base: dict, data: ImageData, search: SearchConfig, storage: str, name: str,
                 callbacks: list[Any], concurrent: int, experiment_dir: str | None, resume: bool,
                 progress_reporter=None) -> tune.Tuner:
-    """A new Tuner, or the restored one when ``<storage>/<name>`` holds a search and ``resume``."""
+    """A new Tuner, or with ``resume`` the search at ``<storage>/<name>`` restored (Tune unpickles
+    its state from there: resume only from storage that only trusted users can write)."""
     experiment_uri = f"{storage.rstrip('/')}/{name}"
     fn = trainable(space, base, data, search, experiment_uri)
-    if resume and tune.Tuner.can_restore(experiment_uri):
+    if resume:
+        check_restorable(experiment_uri)
         forgive_deleted_checkpoints()
         return tune.Tuner.restore(experiment_uri, trainable=fn, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)

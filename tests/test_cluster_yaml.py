@@ -7,14 +7,15 @@ import re
 from pathlib import Path
 
 import ray
-import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from trainers.yamlfile import load_yaml_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load() -> dict:
-    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    return load_yaml_file(ROOT / "cluster.yaml", "cluster.yaml")  # the loader raysweep uses everywhere
 
 
 def _prepared() -> dict:

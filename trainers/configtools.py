@@ -11,14 +11,34 @@ import types
 import typing
 from typing import Any, Iterable, Mapping
 
-import yaml
+
+# How much of a user's value an error repeats. A config can hold a megabyte in one value
+# (and a YAML bomb, before aliases were refused, gigabytes); echoing it back buries the
+# message that says what to fix.
+SHOWN_CHARS = 80
+PROBLEM_CHARS = 400
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)``, cut to ``limit`` characters with ``…`` where longer."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _capped(problem: str, limit: int = PROBLEM_CHARS) -> str:
+    """A problem line of at most ``limit`` characters: its start (the field) and end (the
+    fix) are kept, the middle (a long value that a message built elsewhere repeated) cut."""
+    if len(problem) <= limit:
+        return problem
+    head = limit * 2 // 5
+    return f"{problem[:head]}…{problem[len(problem) - (limit - head - 1):]}"
 
 
 class ConfigError(ValueError):
     """One or more invalid settings; ``problems`` names each field, value and fix."""
 
     def __init__(self, problems: Iterable[str]):
-        self.problems = list(problems)
+        self.problems = [_capped(str(p)) for p in problems]
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
@@ -40,7 +60,7 @@ def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
         return None
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
-            problems.append(f"{where}: expected a mapping of keys, got {value!r}")
+            problems.append(f"{where}: expected a mapping of keys, got {shown(value)}")
             return hint()
         return _build(hint, value, where, problems)
     if hint is bool:
@@ -76,7 +96,7 @@ def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
     else:  # Any
         return value
     name = getattr(hint, "__name__", str(hint))
-    problems.append(f"{where}: {value!r} is not a valid {name}")
+    problems.append(f"{where}: {shown(value)} is not a valid {name}")
     return None
 
 
@@ -115,12 +135,14 @@ def to_dict(obj) -> dict:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"optim.lr=0.01"`` -> ``(["optim", "lr"], 0.01)``; values are read as YAML scalars."""
     if "=" not in text:
-        raise ConfigError([f"--set {text!r}: expected section.key=value, e.g. optim.lr=0.01"])
+        raise ConfigError([f"--set {shown(text)}: expected section.key=value, e.g. optim.lr=0.01"])
     key, raw = text.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
     if not path:
-        raise ConfigError([f"--set {text!r}: the key before '=' is empty"])
-    return path, yaml.safe_load(raw) if raw.strip() else ""
+        raise ConfigError([f"--set {shown(text)}: the key before '=' is empty"])
+    from trainers.yamlfile import load_yaml_text  # imports this module
+
+    return path, load_yaml_text(raw, f"--set {shown(key.strip())}") if raw.strip() else ""
 
 
 def set_path(tree: dict, path: list[str], value: Any) -> None:
@@ -145,13 +167,10 @@ def merge(base: Mapping, update: Mapping) -> dict:
 
 
 def load_yaml(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError([f"--config: no file at {path!r}; check the path"]) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([f"--config {path}: not valid YAML ({e})"]) from None
+    """A ``--config`` file's sections (``trainers.yamlfile``: no aliases, bounded size)."""
+    from trainers.yamlfile import load_yaml_file  # imports this module
+
+    data = load_yaml_file(path, "--config") or {}
     if not isinstance(data, dict):
         raise ConfigError([f"--config {path}: expected a mapping of sections, got {type(data).__name__}"])
     return data
@@ -161,14 +180,14 @@ def choice_problem(field: str, value: str, known: Iterable[str], what: str) -> s
     known = sorted(known)
     if value in known:
         return None
-    return f"{field}: {value!r} is not a known {what}; choose one of: {', '.join(known)}"
+    return f"{field}: {shown(value)} is not a known {what}; choose one of: {', '.join(known)}"
 
 
 def range_problem(field: str, value, low=None, high=None, low_open=False) -> str | None:
     if value is None:
         return None
     if low is not None and (value <= low if low_open else value < low):
-        return f"{field}: {value!r} must be {'>' if low_open else '>='} {low}"
+        return f"{field}: {shown(value)} must be {'>' if low_open else '>='} {low}"
     if high is not None and value > high:
-        return f"{field}: {value!r} must be <= {high}"
+        return f"{field}: {shown(value)} must be <= {high}"
     return None

@@ -1,0 +1,79 @@
+"""With Ray on loopback, nothing a `raysweep train` starts listens beyond it: not Ray's
+processes, not the workers' torch.distributed store (TCPStore) or gloo's connections."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|\[::1\]|\[::ffff:127\.\d+\.\d+\.\d+\]):\d+$")
+USER = re.compile(r'\("([^"]+)",pid=(\d+)')
+
+
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [c for c, p in parents.items() if p == pid and c not in found]
+        found.update(children)
+        frontier += children
+    return found
+
+
+def _listeners(pids: set[int]) -> set[tuple[str, str]]:
+    """(process name, local address) of every TCP listener owned by one of ``pids``."""
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    seen = set()
+    for line in out.splitlines():
+        cols = line.split()
+        for name, pid in USER.findall(line):
+            if int(pid) in pids:
+                seen.add((name, cols[3]))
+    return seen
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ss")
+def test_a_two_worker_train_run_listens_only_on_loopback(tmp_path):
+    cmd = [sys.executable, "-m", "cluster.cli", "train", "--workers", "2", "--storage", str(tmp_path),
+           "--name", "lo", "--set", "train.epochs=2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    seen: set[tuple[str, str]] = set()
+    with open(tmp_path / "run.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                seen |= _listeners(_descendants(proc.pid))
+                time.sleep(0.5)  # the store and gloo listen from start-up to the end
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
+    workers = {addr for name, addr in seen if name.startswith("ray::RayTrainW")}
+    assert workers, f"no training worker's listener was seen (the test saw: {sorted(seen)})"
+    exposed = sorted((name, addr) for name, addr in seen if not LOOPBACK.match(addr))
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux names its loopback interface lo")
+def test_only_loopback_master_addresses_take_the_loopback_path():
+    from trainers.process_group import is_loopback, loopback_interface
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("127.0.1.1")
+    assert not is_loopback("10.0.0.5") and not is_loopback("192.0.2.2") and not is_loopback("head-node")
+    assert loopback_interface() == "lo"

@@ -1,0 +1,73 @@
+"""The one way raysweep reads YAML: safe tags only, no anchors or aliases, bounded size.
+
+Aliases are what make a "billion laughs" file: 511 bytes whose aliases expand, under a
+real key, into gigabytes (memory grew ~100 MB/s until the process was killed). No
+raysweep file needs them, so any anchor (``&a``) or alias (``*a``, and so ``<<: *a``) is
+refused where the parser meets it, before anything is expanded. Files are read up to
+``MAX_YAML_BYTES``; a config or a search space is a few kilobytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainers.configtools import ConfigError
+
+MAX_YAML_BYTES = 1 << 20  # 1 MiB
+
+
+class _AliasFound(yaml.YAMLError):
+    def __init__(self, mark, what: str):
+        super().__init__(what)
+        self.mark, self.what = mark, what
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that raises at the first anchor or alias event."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _AliasFound(event.start_mark, f"alias *{event.anchor}")
+        if getattr(event, "anchor", None):
+            raise _AliasFound(event.start_mark, f"anchor &{event.anchor}")
+        return super().compose_node(parent, index)
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """Parse ``text`` (from ``source``: a file or ``--set key``, named in errors)."""
+    try:
+        return yaml.load(text, Loader=NoAliasLoader)
+    except _AliasFound as e:
+        raise ConfigError([f"{source}, line {e.mark.line + 1}: YAML anchors and aliases are not allowed "
+                           f"(found {e.what}); write the value out in full"]) from None
+    except RecursionError:
+        raise ConfigError([f"{source}: YAML nested too deeply; flatten it"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError([f"{source}{where}: not valid YAML ({problem})"]) from None
+
+
+def load_yaml_file(path: str | Path, option: str) -> Any:
+    """Read and parse one YAML file; ``option`` (``--config``, ``--space``, ...) names it in errors."""
+    source = f"{option} {path}" if option else str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError([f"{option}: no file at {str(path)!r}; check the path"]) from None
+    except OSError as e:
+        raise ConfigError([f"{source}: cannot be read ({e.strerror or e})"]) from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError([f"{source}: larger than {MAX_YAML_BYTES} bytes; a raysweep YAML file is a few "
+                           "kilobytes, so give the right file"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{source}: not UTF-8 text (byte {e.start}); give a YAML file"]) from None
+    return load_yaml_text(text, source)
