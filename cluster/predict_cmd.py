@@ -23,7 +23,9 @@ import numpy as np
 
 from cluster.cli import EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_OK, add_common, command
 from trainers.checkpoints import STATE_FILE, CheckpointError, load_state
-from trainers.data import DATASETS, IMAGE_SUFFIXES, DataError, decode_image, load_data, parquet_files
+from trainers.data import DATASETS, IMAGE_SUFFIXES, DataError, decode_classes, decode_image, load_data
+from trainers.streaming import list_parquet
+from trainers.uris import as_uri, file_info, open_location, open_parquet, read_bytes
 from trainers.inference import (EXPORT_FORMATS, InferenceError, check_state, classifier_from_state,
                                 inference_precision, predict, shape_problem)
 
@@ -59,9 +61,9 @@ def resolve_checkpoint(spec: str) -> tuple[str, str]:
     if info.type == pafs.FileType.NotFound:
         raise InferenceError(f"--checkpoint {spec!r}: no such file or directory")
     if info.type == pafs.FileType.File:
-        return _with_scheme(spec, path), "checkpoint file"
+        return as_uri(spec, path), "checkpoint file"
     if fs.get_file_info(f"{path}/{STATE_FILE}").type == pafs.FileType.File:
-        return _with_scheme(spec, path), "checkpoint directory"
+        return as_uri(spec, path), "checkpoint directory"
     for name, what in (("best.json", "the tune experiment's best trial"), ("summary.json", "the train run's best checkpoint")):
         if fs.get_file_info(f"{path}/{name}").type != pafs.FileType.File:
             continue
@@ -74,18 +76,10 @@ def resolve_checkpoint(spec: str) -> tuple[str, str]:
                 "the run saved no usable checkpoint: point --checkpoint at a checkpoint_*/ directory instead")
         if "://" not in ckpt and not os.path.isabs(ckpt) and "://" not in spec:
             ckpt = str(Path(path) / ckpt)  # relative to the experiment directory
-        return _with_scheme(spec, ckpt), what
+        return as_uri(spec, ckpt), what
     raise InferenceError(
         f"--checkpoint {spec!r}: holds neither {STATE_FILE}, summary.json (a train run) nor best.json "
         "(a tune experiment); give a checkpoint_*/ directory, a run directory or an experiment directory")
-
-
-def _with_scheme(spec: str, path: str) -> str:
-    """A path found on ``spec``'s filesystem, written as a URI again where ``spec`` was one."""
-    if "://" not in spec or "://" in path:
-        return path
-    scheme = spec.split("://", 1)[0]
-    return f"{scheme}://{path}" if scheme == "file" else f"{scheme}://{path.lstrip('/')}"
 
 
 def load_checkpoint(spec: str) -> tuple[dict, str, str]:
@@ -136,53 +130,63 @@ def plan_inputs(spec: str, meta: dict, data_cfg) -> Inputs:
     name, path = parse_data_spec(spec)
     classes = [str(c) for c in meta["classes"]]
     if name == "imagefolder" and path:
-        return _folder_inputs(Path(path).expanduser(), classes, spec)
+        return _folder_inputs(path, classes, spec)
     if name == "parquet" and path:
-        return _parquet_inputs(Path(path).expanduser(), classes, spec)
+        return _parquet_inputs(path, classes, spec)
     return _memory_inputs(name, path, classes, data_cfg, spec)
 
 
-def _folder_inputs(root: Path, classes: list[str], spec: str) -> Inputs:
-    """``root/<class>/*.png`` (labelled by folder name) and/or ``root/*.png`` (unlabelled)."""
-    if not root.is_dir():
-        raise DataError(f"--data {spec!r}: {str(root)!r} is not a directory")
+def _entries(fs, path: str) -> list:
+    import pyarrow.fs as pafs
+
+    return sorted(fs.get_file_info(pafs.FileSelector(path)), key=lambda e: e.path)
+
+
+def _folder_inputs(root: str, classes: list[str], spec: str) -> Inputs:
+    """``root/<class>/*.png`` (labelled by folder name) and/or ``root/*.png`` (unlabelled);
+    ``root`` a local path or a pyarrow.fs URI."""
+    import pyarrow.fs as pafs
+
+    fs, base = open_location(root, "--data")
+    if file_info(fs, base, root, "--data").type != pafs.FileType.Directory:
+        raise DataError(f"--data {spec!r}: {root!r} is not a directory")
     index = {c: i for i, c in enumerate(classes)}
-    items, skipped, unknown = [], 0, []
-    entries = [(root, NO_LABEL)] + [(d, index.get(d.name)) for d in sorted(p for p in root.iterdir() if p.is_dir())]
-    for folder, label in entries:
-        if label is None:
-            unknown.append(folder.name)
-            continue
-        for p in sorted(folder.iterdir()):
-            if not p.is_file():
-                continue
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                items.append({"id": str(p), "label": label})
-            else:
-                skipped += 1
+    top = _entries(fs, base)
+    folders = [e for e in top if e.type == pafs.FileType.Directory]
+    unknown = [d.base_name for d in folders if d.base_name not in index]
     if unknown:
         raise DataError(
             f"--data {spec!r}: class folder(s) {unknown} are not classes of the model {classes}; "
             "rename them, or move their images to the top folder to predict them unlabelled")
+    items, skipped = [], 0
+    for entries, label in [(top, NO_LABEL)] + [(_entries(fs, d.path), index[d.base_name]) for d in folders]:
+        for e in entries:
+            if e.type != pafs.FileType.File:
+                continue
+            if Path(e.base_name).suffix.lower() in IMAGE_SUFFIXES:
+                items.append({"id": as_uri(root, e.path), "label": label})
+            else:
+                skipped += 1
     if not items:
-        raise DataError(f"--data {spec!r}: no {'/'.join(IMAGE_SUFFIXES)} files in {str(root)!r} or its class folders")
+        raise DataError(f"--data {spec!r}: no {'/'.join(IMAGE_SUFFIXES)} files in {root!r} or its class folders")
     notes = [f"ignored {skipped} file(s) without an image suffix"] if skipped else []
     labelled = sum(i["label"] != NO_LABEL for i in items)
     return Inputs("files", items, len(items), labelled, f"imagefolder {root}", notes)
 
 
-def _parquet_inputs(root: Path, classes: list[str], spec: str) -> Inputs:
-    """Parquet file(s) with an encoded ``image`` column, ``label`` optional; one work item per row group."""
+def _parquet_inputs(root: str, classes: list[str], spec: str) -> Inputs:
+    """Parquet file(s) with an encoded ``image`` column, ``label`` optional; one work item per
+    row group. ``root`` a file or folder, local or a pyarrow.fs URI."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    files = parquet_files(root) if root.exists() else []
-    if not files:
-        raise DataError(f"--data {spec!r}: no Parquet file at {str(root)!r}")
+    try:
+        files = [as_uri(root, f) for f in list_parquet(root).files]
+    except DataError:
+        raise DataError(f"--data {spec!r}: no Parquet file at {root!r}") from None
     items, count, labelled = [], 0, 0
     for f in files:
         try:
-            pfile = pq.ParquetFile(f)
+            pfile = open_parquet(f)
         except Exception as e:  # pyarrow raises several types for unreadable files
             raise DataError(f"--data {spec!r}: {f} is not a readable Parquet file ({e})") from None
         names = pfile.schema_arrow.names
@@ -191,7 +195,7 @@ def _parquet_inputs(root: Path, classes: list[str], spec: str) -> Inputs:
         label_map = None
         if "label" in names:
             label_map = _label_map(pfile.schema_arrow.metadata or {}, classes, f)
-            labels = pq.read_table(f, columns=["label"]).column("label")
+            labels = pfile.read(columns=["label"]).column("label")
             valid = pc.drop_null(labels).to_numpy()
             top = len(label_map) if label_map is not None else len(classes)
             if len(valid) and (valid.min() < 0 or valid.max() >= top):
@@ -199,7 +203,7 @@ def _parquet_inputs(root: Path, classes: list[str], spec: str) -> Inputs:
                                 f"{int(valid[(valid < 0) | (valid >= top)][0])}); labels index the classes {classes}")
             labelled += len(valid)
         for g in range(pfile.num_row_groups):
-            items.append({"file": str(f), "row_group": g, "first_row": count_in_file(pfile, g),
+            items.append({"file": f, "row_group": g, "first_row": count_in_file(pfile, g),
                           "label_map": label_map or []})
         count += pfile.metadata.num_rows
     return Inputs("parquet", items, count, labelled, f"parquet {root}")
@@ -213,7 +217,7 @@ def _label_map(metadata: dict, classes: list[str], path: Path) -> list[int] | No
     """File label -> model class index, where the file names its classes (``classes`` metadata)."""
     if b"classes" not in metadata:
         return None
-    names = metadata[b"classes"].decode().split(",")
+    names = decode_classes(metadata[b"classes"].decode())
     missing = [n for n in names if n not in classes]
     if missing:
         raise DataError(f"{path}: classes {missing} (schema metadata) are not classes of the model {classes}")
@@ -247,7 +251,7 @@ def _read_files(batch: dict) -> dict:
     data, errors = [], []
     for path in batch["id"]:
         try:
-            data.append(Path(path).read_bytes())
+            data.append(read_bytes(path))
             errors.append("")
         except OSError as e:
             data.append(b"")
@@ -256,11 +260,9 @@ def _read_files(batch: dict) -> dict:
 
 
 def _read_row_groups(batch: dict) -> dict:
-    import pyarrow.parquet as pq
-
     ids, labels, data, errors = [], [], [], []
     for file, group, first, label_map in zip(batch["file"], batch["row_group"], batch["first_row"], batch["label_map"]):
-        pfile = pq.ParquetFile(file)
+        pfile = open_parquet(file)
         cols = [c for c in ("image", "label", "id") if c in pfile.schema_arrow.names]
         table = pfile.read_row_group(int(group), columns=cols)
         n = table.num_rows

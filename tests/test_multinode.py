@@ -114,22 +114,29 @@ def test_a_searchs_trials_run_on_different_nodes(cluster, tmp_path):
 
 
 def test_a_streamed_run_decodes_on_nodes_other_than_the_trainers(cluster, tmp_path):
-    """Two workers take a whole node each (SPREAD), so Ray Data's read-and-decode tasks can
-    only run on the third node: the state API shows where they ran."""
+    """Two workers take a whole node each (SPREAD), so while they train, Ray Data's
+    read-and-decode tasks can only run on the third node: the state API shows where they
+    ran. (Only the fit runs here: the test split's evaluation afterwards may use any node.)"""
     from ray.util.state import list_tasks
 
     from test_streaming import mixed_size_folder  # tests/ is on sys.path (pytest rootdir-less modules)
+    from trainers.distributed import run_training
+    from trainers.streaming import StreamPlan, load_for_training
 
     root = mixed_size_folder(tmp_path / "folder", n=240)
     cfg = load_run_config(None, ["data.name=imagefolder", f"data.root={root}", "data.image_size=16",
                                  "data.streaming=true", "data.train_crop=random", "train.epochs=2"])
-    before = _train_workers()
+    plan = load_for_training(cfg)
+    assert isinstance(plan, StreamPlan)
+    before_workers = _train_workers()
+    before_tasks = {t.task_id for t in list_tasks(limit=10_000)}
     placement = Placement(workers=2, cpus_per_worker=CPUS_PER_NODE, strategy="SPREAD")
-    summary = train_cmd.run(train_cmd.TrainRequest(cfg, placement, str(tmp_path), "streamed"))
-    trainer_nodes = {node for actor, node in _train_workers().items() if actor not in before}
-    decode_nodes = {t.node_id for t in list_tasks(limit=10_000) if "decode_batch" in (t.name or "") and t.node_id}
+    result = run_training(cfg, plan, placement, str(tmp_path), "streamed")
+    trainer_nodes = {node for actor, node in _train_workers().items() if actor not in before_workers}
+    decode_nodes = {t.node_id for t in list_tasks(limit=10_000)
+                    if t.task_id not in before_tasks and "decode_batch" in (t.name or "") and t.node_id}
     print(f"trainers on {sorted(n[:8] for n in trainer_nodes)}, decode tasks on {sorted(n[:8] for n in decode_nodes)}")
-    assert summary["status"] == "completed" and summary["epochs_run"] == 2
+    assert result.error is None and result.metrics["epoch"] == 2
     assert len(trainer_nodes) == 2 and decode_nodes and not decode_nodes & trainer_nodes
 
 

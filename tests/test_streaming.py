@@ -157,17 +157,28 @@ def test_train_streams_parquet_shards_from_s3(tmp_path, s3_server, capsys):
         part = slice(i * 120, (i + 1) * 120)
         write_parquet_images(shards / f"part-{i:05d}.parquet", split.x[part], split.y[part], classes)
     s3 = boto3.client("s3")
-    s3.create_bucket(Bucket="data")
+    for bucket in ("data", "runs"):
+        s3.create_bucket(Bucket=bucket)
     for f in shards.iterdir():
         s3.upload_file(str(f), "data", f"cifar-like/{f.name}")
-    code = main(["train", "--workers", "1", "--storage", str(tmp_path / "runs"), "--name", "s3run",
+    code = main(["train", "--workers", "1", "--storage", "s3://runs/exp", "--name", "s3run",
                  "--set", "data.name=parquet", "--set", "data.root=s3://data/cifar-like",
                  "--set", "train.epochs=2"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "streaming ~" in out
-    summary = json.loads((tmp_path / "runs" / "s3run" / "summary.json").read_text())
+    summary = json.loads(s3.get_object(Bucket="runs", Key="exp/s3run/summary.json")["Body"].read())
     assert summary["status"] == "completed" and summary["test_accuracy"] > 0.4  # 3 classes
+    assert summary["checkpoint"].startswith("s3://runs/exp/s3run/checkpoint_")  # a URI that opens later
+    assert main(["results", "s3://runs/exp/s3run"]) == 0
+    # The winner from S3, on inputs from S3.
+    pred = tmp_path / "pred.parquet"
+    assert main(["predict", "--checkpoint", "s3://runs/exp/s3run", "--data", "parquet:s3://data/cifar-like",
+                 "--out", str(pred), "--actors", "1"]) == 0
+    rows = pq.read_table(pred).to_pylist()
+    assert len(rows) == 360 and sum(r["pred_index"] == r["label"] for r in rows) / 360 > 0.4
+    assert rows[0]["id"].startswith("s3://data/cifar-like/part-00000.parquet#")
+    assert main(["export", "--checkpoint", "s3://runs/exp/s3run", "--out", str(tmp_path / "m.pt")]) == 0
 
 
 def test_unreachable_s3_endpoint_is_refused_naming_the_uri(tmp_path, monkeypatch, capsys):

@@ -3,6 +3,7 @@ data readers, ``raysweep data convert`` and whatever else reads a user's locatio
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -46,3 +47,43 @@ def file_info(fs: pafs.FileSystem, path: str, location: str, role: str = "data.r
         return fs.get_file_info(path)
     except OSError as e:  # unreachable endpoint, bad credentials, missing bucket
         raise DataError(f"{role} {location!r}: unreachable or not readable ({short(e)})") from None
+
+
+def as_uri(location: str, path: str) -> str:
+    """A path found on ``location``'s filesystem, written as a URI again where ``location``
+    was one (``s3://bucket/a`` + ``bucket/a/b`` -> ``s3://bucket/a/b``)."""
+    if "://" not in location or "://" in path:
+        return path
+    scheme = location.split("://", 1)[0]
+    return f"{scheme}://{path}" if scheme == "file" else f"{scheme}://{path.lstrip('/')}"
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem_for(prefix: str) -> pafs.FileSystem:
+    return open_location(prefix, "input")[0]
+
+
+def _fs_of(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or URI; one filesystem object per bucket and process."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), uri
+    scheme, rest = uri.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    if scheme == "file":
+        return pafs.LocalFileSystem(), "/" + rest.lstrip("/")
+    return _filesystem_for(f"{scheme}://{bucket}"), rest
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole file at a local path or URI; raises OSError when it cannot be read."""
+    fs, path = _fs_of(uri)
+    with fs.open_input_file(path) as f:
+        return f.read()
+
+
+def open_parquet(uri: str):
+    """A ``pyarrow.parquet.ParquetFile`` at a local path or URI (raises pyarrow's errors)."""
+    import pyarrow.parquet as pq
+
+    fs, path = _fs_of(uri)
+    return pq.ParquetFile(fs.open_input_file(path))
