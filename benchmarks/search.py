@@ -104,7 +104,7 @@ def run(mode: str = "full") -> Result:
                 fractions[pname] = {s: [] for s in STRATEGIES}
                 for seed in range(size["seeds"]):
                     order = list(STRATEGIES)[seed % 3:] + list(STRATEGIES)[:seed % 3]
-                    got = {s: best_so_far(one_search(problem, s, seed, cpus, storage, f"{pname}-{s}-{next(counter)}"),
+                    got = {s: best_so_far(one_search(problem, s, seed, cpus, storage, f"{pname}-{s.replace('+', '_')}-{next(counter)}"),
                                           budget) for s in order}
                     target = got["random"][-1]
                     for s, curve in got.items():
