@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,13 +59,12 @@ SIZES = {
 }
 SCALE = 10
 CLASSES = 10
-# The recipe of both data halves: a small CNN for the generated sets; the fast network's
-# example config for CIFAR-10 (alternate_flip needs the in-memory path, so it is off on
-# both sides; lr and decay as the cifar10 benchmark's quick mode sets them for batch 512).
+# The recipe of both halves: the small CNN, flip (+ crop for CIFAR-10) on the device. A
+# cheap model asks the most of the stream (fast_cifar ran at ~60 img/s here in fp32 on one
+# busy core, which any decode keeps up with, and would make the full run hours long).
 SYNTH_OVERRIDES = ["model.name=simple_cnn", "augment.flip=0.5"]
-CIFAR_CONFIG = REPO / "examples" / "cifar10_fast.yaml"
-CIFAR_OVERRIDES = ["augment.alternate_flip=false", "train.batch_size=512", "optim.lr=0.75",
-                   "optim.weight_decay=2.7e-3"]
+CIFAR_OVERRIDES = ["data.name=parquet", "model.name=simple_cnn", "train.batch_size=512", "augment.flip=0.5",
+                   "augment.crop_padding=2"]
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -154,6 +154,8 @@ def cifar_subset(root: Path, n_train: int | None, n_test: int | None) -> Path:
 # --- watching a run's processes ----------------------------------------------------------------
 
 DATA_TITLES = ("ReadParquet", "MapBatches", "decode_batch")
+# Ray Data's actors beside the tasks: its executors for Train's shards, its statistics.
+DATA_HELPERS = ("SplitCoordinator", "DatasetManager", "_StatsActor", "ActorLocationTracker", "AutoscalingCoordinator")
 
 
 def kind_of(pid: int, root: int, title: str, comm: str) -> str:
@@ -168,7 +170,7 @@ def kind_of(pid: int, root: int, title: str, comm: str) -> str:
         return "data_task"
     if "Controller" in title:  # Ray Train's TrainController (raysweep's AdaptivePollController)
         return "controller"
-    if "SplitCoordinator" in title or "DatasetManager" in title:  # Ray Data's executors for Train
+    if any(t in title for t in DATA_HELPERS):
         return "data_coordinator"
     if "_evaluate_checkpoint" in title:
         return "test_eval_task"
@@ -343,14 +345,18 @@ def train_run(label: str, overrides: list[str], workdir: Path, config: Path | No
     code = "import sys; from benchmarks.data_scale import cli_main; sys.exit(cli_main(sys.argv[1:]))"
     t0 = time.time()
     with open(log, "w") as out:
+        # A session of its own: if this benchmark is interrupted or the run hangs, its whole
+        # group (the CLI and the Ray it started) is ended, not just the CLI process.
         proc = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, start_new_session=True)
         with ProcessSampler(proc.pid, storage / name / "progress.json") as sampler:
             try:
                 rc = proc.wait(timeout=RUN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait()
+            except BaseException:  # the timeout, Ctrl-C
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
     wall = time.time() - t0
     if rc != 0:
         raise RuntimeError(f"raysweep train {label} exited {rc}; its output ends:\n{log.read_text()[-3000:]}")
@@ -375,6 +381,10 @@ def train_run(label: str, overrides: list[str], workdir: Path, config: Path | No
 
 def _shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _ratio(a, b):
@@ -410,8 +420,7 @@ def throughput_half(cfg: dict, workdir: Path) -> dict:
         order = ["in_memory", "streaming"] if r % 2 == 0 else ["streaming", "in_memory"]
         for side in order:
             stream = "true" if side == "streaming" else "false"
-            sides[side].append(train_run(f"cifar10-{side}-{r}", base + [f"data.streaming={stream}"], workdir,
-                                         config=CIFAR_CONFIG))
+            sides[side].append(train_run(f"cifar10-{side}-{r}", base + [f"data.streaming={stream}"], workdir))
     last = {side: [run["epochs"][-1]["images_per_second"] for run in runs] for side, runs in sides.items()}
     ratio = median(last["streaming"]) / median(last["in_memory"])
     return {"data": str(data), "epochs": cfg["epochs"], "rounds": cfg["rounds"], "sides": sides,
@@ -465,7 +474,7 @@ def run(mode: str = "full", keep_runs: bool = False) -> Result:
         f"and the run ends with a streamed test evaluation",
         f"RSS: peak VmRSS (MiB) of one process of each kind over the whole run (start-up, epoch, test evaluation), "
         f"sampled every {SAMPLE_S} s from /proc; VmRSS includes pages of Ray's shared-memory object store that "
-        f"the process touched. Headline = max(driver ratio, train worker ratio) = {value if value is None else round(value, 3)} "
+        f"the process touched. Headline = max(driver ratio, train worker ratio) = {_fmt(value)} "
         f"(target <= {TARGET_RSS}: {'met' if rss_met else 'MISSED'}); RssAnon ratios (private memory) in details. "
         f"'all anon' = the peak of the sum of RssAnon over every process of the run",
         "images/s: raysweep's own history.parquet (images_per_second: training images / training-pass seconds), "
@@ -476,15 +485,16 @@ def run(mode: str = "full", keep_runs: bool = False) -> Result:
         "seconds of every process of the run (driver, GCS, raylet, Ray's helpers, controller, train worker, data "
         "tasks) over the epoch's wall time (progress.json's report time minus epoch_seconds, training pass + "
         "validation). Not counted as decode: Ray Data's executor and the iterator's batching and local shuffle "
-        "inside the train worker, Ray Data's executors (SplitCoordinator, DatasetManager actors: 'data_coordinator'), the object store's copies in the raylet. "
+        "inside the train worker, Ray Data's actors (SplitCoordinator, DatasetManager, _StatsActor: "
+        "'data_coordinator'), the object store's copies in the raylet. The window starts up to a report's latency "
+        "late (updated_at is written after the epoch's checkpoint and report). "
         "'cores used' = all the run's CPU seconds / wall seconds in that window",
     ]
     if "skipped" in thr:
         notes.append(f"throughput (target >= {TARGET_THROUGHPUT}): skipped, {thr['skipped']}; met: None")
     else:
         notes.append(
-            f"throughput: CIFAR-10 ({thr['data']}), examples/cifar10_fast.yaml with "
-            f"{' '.join(CIFAR_OVERRIDES)}, {thr['epochs']} epochs, {thr['rounds']} round(s) alternating "
+            f"throughput: CIFAR-10 ({thr['data']}), {' '.join(CIFAR_OVERRIDES)}, {thr['epochs']} epochs, {thr['rounds']} round(s) alternating "
             f"(round 1 in-memory first); ratio = median streamed / median in-memory images/s of epoch {thr['epochs']} "
             f"= {thr_ratio:.3f} (target >= {TARGET_THROUGHPUT}: {'met' if thr_met else 'MISSED'}). Both sides 1 "
             f"worker x 1 CPU: the in-memory side leaves the second core idle, the streamed one decodes on it")
