@@ -153,7 +153,9 @@ def cifar_subset(root: Path, n_train: int | None, n_test: int | None) -> Path:
 
 # --- watching a run's processes ----------------------------------------------------------------
 
-DATA_TITLES = ("ReadParquet", "MapBatches", "decode_batch")
+DATA_TITLES = ("MapBatches", "decode_batch")  # raysweep's decode (fused with the read where Ray Data fuses)
+# Ray Data 2.60's Parquet reading runs as tasks of their own: listing, footers, reading rows.
+READ_TITLES = ("ReadParquet", "ReadFiles", "ListFiles", "FooterRead")
 # Ray Data's actors beside the tasks: its executors for Train's shards, its statistics.
 DATA_HELPERS = ("SplitCoordinator", "DatasetManager", "_StatsActor", "ActorLocationTracker", "AutoscalingCoordinator")
 
@@ -168,6 +170,8 @@ def kind_of(pid: int, root: int, title: str, comm: str) -> str:
         return "train_worker"
     if any(t in title for t in DATA_TITLES):
         return "data_task"
+    if any(t in title for t in READ_TITLES):
+        return "data_read"
     if "Controller" in title:  # Ray Train's TrainController (raysweep's AdaptivePollController)
         return "controller"
     if any(t in title for t in DATA_HELPERS):
@@ -180,7 +184,7 @@ def kind_of(pid: int, root: int, title: str, comm: str) -> str:
         return "gcs"
     if title.startswith("ray::"):
         return "ray_worker_other"  # idle pooled workers, other actors
-    return "ray_system"  # log monitor, dashboard agents, ...
+    return "ray_system"  # log monitor, agents, and Ray workers still starting (not yet titled)
 
 
 def _read(path: str) -> str | None:
@@ -309,8 +313,8 @@ class ProcessSampler:
             for pid, (kind, cpu, _, _) in after.items():
                 prev = before.get(pid)
                 used = cpu - prev[1] if prev else cpu
-                if prev and prev[0] == "data_task":
-                    kind = "data_task"
+                if prev and prev[0] in ("data_task", "data_read") and kind not in ("data_task", "data_read"):
+                    kind = prev[0]
                 by_kind[kind] = by_kind.get(kind, 0.0) + max(0.0, used)
         seconds = window[-1][0] - window[0][0] if len(window) > 1 else 0.0
         return {"seconds": round(seconds, 2), "cpu_s": {k: round(v, 2) for k, v in sorted(by_kind.items())},
@@ -369,7 +373,9 @@ def train_run(label: str, overrides: list[str], workdir: Path, config: Path | No
         epochs.append({"epoch": row["epoch"], "images_per_second": row["images_per_second"],
                        "epoch_seconds": row["epoch_seconds"], "val_accuracy": row["val_accuracy"], "cpu": cpu,
                        "decode_cpu_share": (cpu["cpu_s"].get("data_task", 0.0) / cpu["total_cpu_s"]
-                                            if cpu and cpu["total_cpu_s"] else None)})
+                                            if cpu and cpu["total_cpu_s"] else None),
+                       "read_cpu_share": (cpu["cpu_s"].get("data_read", 0.0) / cpu["total_cpu_s"]
+                                          if cpu and cpu["total_cpu_s"] else None)})
     titles = {kind: sorted(seen) for kind, seen in sorted(sampler.titles.items())}
     return {"label": label, "wall_seconds": round(wall, 1), "epochs": epochs, "peaks": sampler.peaks(),
             "train_worker_peaks_mib": sampler.per_worker_peaks(), "kinds_seen": titles,
@@ -451,19 +457,20 @@ def run(mode: str = "full", keep_runs: bool = False) -> Result:
         get = lambda k: p.get(k, {}).get("rss_mib")
         return [label + extra, run_.get("images"), get("driver"), get("train_worker"), get("data_task"),
                 get("raylet"), p.get("all (sum)", {}).get("anon_mib"), ep["images_per_second"],
-                ep["decode_cpu_share"], cpu.get("total_cpu_s", 0) / cpu["seconds"] if cpu.get("seconds") else None,
-                run_["wall_seconds"]]
+                ep["decode_cpu_share"], ep.get("read_cpu_share"),
+                cpu.get("total_cpu_s", 0) / cpu["seconds"] if cpu.get("seconds") else None, run_["wall_seconds"]]
 
     rows = [row(f"streamed {k}", runs[k]) for k in ("N", "10N")]
     rows.append(["ratio 10N / N", SCALE, judged["driver"], judged["train_worker"], mem["rss_ratio"].get("data_task"),
                  mem["rss_ratio"].get("raylet"), mem["anon_ratio"].get("all (sum)"),
                  _ratio(runs["10N"]["epochs"][-1]["images_per_second"], runs["N"]["epochs"][-1]["images_per_second"]),
-                 None, None, None])
+                 None, None, None, None])
     if "sides" in thr:
         for side in ("in_memory", "streaming"):
             for i, run_ in enumerate(thr["sides"][side]):
                 rows.append(row(f"CIFAR-10 {side.replace('_', '-')} #{i + 1}", run_))
-        rows.append(["ratio streamed / in-memory", None, None, None, None, None, None, thr_ratio, None, None, None])
+        rows.append(["ratio streamed / in-memory", None, None, None, None, None, None, thr_ratio, None, None, None,
+                     None])
 
     n = size["n"]
     notes = [
@@ -480,11 +487,14 @@ def run(mode: str = "full", keep_runs: bool = False) -> Result:
         "images/s: raysweep's own history.parquet (images_per_second: training images / training-pass seconds), "
         "of the last epoch (the only one for the generated sets, so it includes the stream's start-up)",
         "decode CPU share: CPU seconds (user + system, /proc/PID/stat) of the processes running Ray Data tasks "
-        "(title ray::ReadParquet->MapBatches(decode_batch): Parquet read, split hash, JPEG decode, resize/crop, "
-        "block building; a pooled worker's interval counts when it showed such a title at either end) / CPU "
+        "(title ray::MapBatches(decode_batch): split hash, JPEG decode, resize/crop, block building; a pooled "
+        "worker's interval counts when it showed such a title at either end) / CPU "
         "seconds of every process of the run (driver, GCS, raylet, Ray's helpers, controller, train worker, data "
         "tasks) over the epoch's wall time (progress.json's report time minus epoch_seconds, training pass + "
-        "validation). Not counted as decode: Ray Data's executor and the iterator's batching and local shuffle "
+        "validation). Ray Data 2.60 reads Parquet in tasks of their own (ray::ListFiles, FooterReader, "
+        "ReadFilesParquetV2: 'data_read', share in details as read_cpu_share). Worker processes still starting "
+        "(not yet titled) count as 'ray_system'. Not counted as decode: Ray Data's executor and the iterator's "
+        "batching and local shuffle "
         "inside the train worker, Ray Data's actors (SplitCoordinator, DatasetManager, _StatsActor: "
         "'data_coordinator'), the object store's copies in the raylet. The window starts up to a report's latency "
         "late (updated_at is written after the epoch's checkpoint and report). "
@@ -494,7 +504,8 @@ def run(mode: str = "full", keep_runs: bool = False) -> Result:
         notes.append(f"throughput (target >= {TARGET_THROUGHPUT}): skipped, {thr['skipped']}; met: None")
     else:
         notes.append(
-            f"throughput: CIFAR-10 ({thr['data']}), {' '.join(CIFAR_OVERRIDES)}, {thr['epochs']} epochs, {thr['rounds']} round(s) alternating "
+            f"throughput: CIFAR-10 ({thr['data']}), {' '.join(CIFAR_OVERRIDES)}, {thr['epochs']} epochs, "
+            f"{thr['rounds']} round(s) alternating "
             f"(round 1 in-memory first); ratio = median streamed / median in-memory images/s of epoch {thr['epochs']} "
             f"= {thr_ratio:.3f} (target >= {TARGET_THROUGHPUT}: {'met' if thr_met else 'MISSED'}). Both sides 1 "
             f"worker x 1 CPU: the in-memory side leaves the second core idle, the streamed one decodes on it")
@@ -511,6 +522,6 @@ def run(mode: str = "full", keep_runs: bool = False) -> Result:
                                                f"{TARGET_THROUGHPUT}, in details)",
         met=rss_met, unit="x (peak RSS at 10N / at N, worst of driver and train worker)",
         headers=["run", "images", "driver MiB", "worker MiB", "data task MiB", "raylet MiB", "all anon MiB",
-                 "img/s", "decode cpu share", "cores used", "wall s"],
+                 "img/s", "decode cpu share", "read cpu share", "cores used", "wall s"],
         rows=rows, notes=notes, details=details,
     )
