@@ -32,7 +32,7 @@ def check(rec: dict, name: str) -> None:
 
 
 def test_every_benchmark_has_a_smoke_test():
-    tested = {"augment", "precision", "gpu", "overhead", "cifar10", "trial_overhead", "search"}
+    tested = {"augment", "precision", "gpu", "overhead", "cifar10", "trial_overhead", "search", "data_scale"}
     assert set(BENCHMARKS) == tested
 
 
@@ -69,6 +69,23 @@ def test_command_line_prints_a_table_then_the_json_line_last(tmp_path):
     assert lines[0].startswith("== gpu (smoke)")
     check(json.loads(lines[-1]), "gpu")
     assert (tmp_path / "gpu.smoke.json").is_file()
+
+
+def test_data_scale_smoke_runs_raysweep_train_streamed_and_watches_its_processes(tmp_path, monkeypatch):
+    """Two streamed `raysweep train` subprocesses (their own Ray each), before this module
+    starts a Ray of its own. The generated sets go to a temporary cache, not the checkout's."""
+    from benchmarks import data_scale
+
+    monkeypatch.setattr(data_scale, "CACHE", tmp_path / "cache")
+    rec = run_benchmark("data_scale", "smoke", out_dir=None)
+    check(rec, "data_scale")
+    d = rec["details"]
+    assert d["rss_ratio"]["driver"] > 0 and d["rss_ratio"]["train_worker"] > 0
+    assert d["throughput_met"] is None and "skipped" in d["throughput"]
+    for run in d["memory"].values():
+        assert run["epochs"][0]["images_per_second"] > 0
+        assert {"driver", "train_worker", "data_task", "raylet"} <= run["kinds_seen"].keys()
+        assert 0 < run["epochs"][0]["decode_cpu_share"] < 1
 
 
 @pytest.fixture(scope="module")
