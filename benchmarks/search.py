@@ -50,6 +50,11 @@ def _user(problem: dict) -> dict:
     return {"data": data}
 
 
+def _run_name(problem: str, strategy: str, counter) -> str:
+    """A run name is one safe path component: no '+' from the strategy's name."""
+    return f"{problem}-{strategy.replace('+', '_')}-{next(counter)}"
+
+
 def one_search(problem: dict, strategy: str, seed: int, cpus: int, storage: str, name: str) -> list[dict]:
     """Runs one search; returns its epochs in the order they were spent: trial, epoch, value."""
     import pyarrow.parquet as pq
@@ -104,7 +109,7 @@ def run(mode: str = "full") -> Result:
                 fractions[pname] = {s: [] for s in STRATEGIES}
                 for seed in range(size["seeds"]):
                     order = list(STRATEGIES)[seed % 3:] + list(STRATEGIES)[:seed % 3]
-                    got = {s: best_so_far(one_search(problem, s, seed, cpus, storage, f"{pname}-{s.replace('+', '_')}-{next(counter)}"),
+                    got = {s: best_so_far(one_search(problem, s, seed, cpus, storage, _run_name(pname, s, counter)),
                                           budget) for s in order}
                     target = got["random"][-1]
                     for s, curve in got.items():
