@@ -77,3 +77,19 @@ def test_only_loopback_master_addresses_take_the_loopback_path():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("127.0.1.1")
     assert not is_loopback("10.0.0.5") and not is_loopback("192.0.2.2") and not is_loopback("head-node")
     assert loopback_interface() == "lo"
+
+
+def test_untested_ray_versions_get_rays_public_torch_config(monkeypatch, caplog):
+    """The loopback store uses Ray's private parts, so it is enabled only on the Ray versions
+    where the listener test above passed; other versions get Ray's own TorchConfig, with a
+    warning that says what that means."""
+    from ray.train.torch import TorchConfig
+
+    from trainers import process_group
+
+    assert type(process_group.torch_config()) is process_group.LoopbackTorchConfig
+    monkeypatch.setattr(process_group, "TESTED_RAY_VERSIONS", ())
+    with caplog.at_level("WARNING"):
+        config = process_group.torch_config()
+    assert type(config) is TorchConfig
+    assert "listens on all interfaces" in caplog.text

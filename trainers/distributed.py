@@ -33,7 +33,7 @@ from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 from trainers.checkpoints import load_state, save_state
 from trainers.config import TrainRunConfig
 from trainers.loop import StreamedInputs, WorkerContext, fit
-from trainers.process_group import LoopbackTorchConfig
+from trainers.process_group import torch_config
 from trainers.streaming import StreamPlan, build_datasets
 
 # Fault drill: with "EPOCH:MARKER_FILE" in this variable of the launching process, rank 1
@@ -309,7 +309,7 @@ def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: 
         train_loop_config={"run": cfg.to_dict(), "data": data, "fault": os.environ.get(FAULT_ENV)},
         scaling_config=placement.scaling_config(),
         datasets=build_datasets(data) if isinstance(data, StreamPlan) else None,
-        torch_config=LoopbackTorchConfig(),  # the process group stays on loopback when Ray is
+        torch_config=torch_config(),  # the process group stays on loopback when Ray is
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,

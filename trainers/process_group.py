@@ -26,12 +26,21 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import logging
+
 import ray
 import torch.distributed as dist
-from ray.train._internal.utils import get_address_and_port
-from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
 from ray.train.torch import TorchConfig
-from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+# Ray's private parts this needs, on the Ray versions where tests/test_loopback.py passed;
+# elsewhere ``torch_config()`` falls back to Ray's public TorchConfig (and says so).
+TESTED_RAY_VERSIONS = ("2.60",)
+try:
+    from ray.train._internal.utils import get_address_and_port
+    from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+    from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+except ImportError:  # another Ray: its private layout differs
+    _TorchBackend = None
 
 # Rank 0's listening socket, between opening it and handing it to the store (one per worker process).
 _listener: socket.socket | None = None
@@ -85,7 +94,7 @@ def _setup_loopback_process_group(backend: str, world_rank: int, world_size: int
     dist.init_process_group(backend=backend, store=store, rank=world_rank, world_size=world_size, timeout=timeout)
 
 
-class _LoopbackTorchBackend(_TorchBackend):
+class _LoopbackTorchBackend(_TorchBackend or object):
     def on_start(self, worker_group, backend_config: "LoopbackTorchConfig"):
         address, _ = worker_group.execute_single(0, get_address_and_port)
         backend = _backend_name(worker_group, backend_config)
@@ -118,3 +127,14 @@ class LoopbackTorchConfig(TorchConfig):
     def backend_cls(self):
         return _LoopbackTorchBackend
 
+
+
+def torch_config() -> TorchConfig:
+    """``LoopbackTorchConfig`` on the tested Ray versions, else Ray's own ``TorchConfig``."""
+    if _TorchBackend is not None and ray.__version__.rsplit(".", 1)[0] in TESTED_RAY_VERSIONS:
+        return LoopbackTorchConfig()
+    logging.getLogger(__name__).warning(
+        "Ray %s is not one raysweep keeps the workers' process group on loopback for (tested: %s): "
+        "rank 0's TCPStore listens on all interfaces; firewall the training nodes", ray.__version__,
+        ", ".join(TESTED_RAY_VERSIONS))
+    return TorchConfig()
