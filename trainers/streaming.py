@@ -372,7 +372,8 @@ def load_for_training(cfg) -> "ImageData | StreamPlan":
     from trainers.data import load_data
 
     data_cfg = cfg.data
-    stream = should_stream(data_cfg, estimate_decoded_bytes(data_cfg) if data_cfg.streaming_mode == "auto" else None)
+    size_matters = data_cfg.streaming_mode == "auto" and not data_cfg.is_uri  # URIs stream anyway
+    stream = should_stream(data_cfg, estimate_decoded_bytes(data_cfg) if size_matters else None)
     if not stream:
         if data_cfg.is_uri:
             raise DataError(f"data.streaming=false: {data_cfg.root!r} is a URI, which only streams; "
