@@ -4,8 +4,8 @@
 (a) data-parallel training with SPREAD places its workers on different nodes and learns as
     well as on one node; (c) a search's trials run on different nodes; (d) a streamed set's
     decode tasks run on a node the trainers leave free; (b) a worker node
-    removed mid-training: the run resumes from its last checkpoint on the nodes that
-    remain, completes, and keeps every epoch once. (b) runs last: it takes a node away.
+    removed in the middle of a streamed run: it resumes from its last checkpoint on the
+    nodes that remain, completes, and keeps every epoch once. (b) runs last: it takes a node away.
 
 Where each worker ran comes from Ray's state API (actors keep their node id after they end).
 """
@@ -140,7 +140,16 @@ def test_a_streamed_run_decodes_on_nodes_other_than_the_trainers(cluster, tmp_pa
     assert len(trainer_nodes) == 2 and decode_nodes and not decode_nodes & trainer_nodes
 
 
-def test_a_node_lost_mid_training_resumes_from_its_checkpoint_on_the_nodes_left(cluster, tmp_path):
+def test_a_node_lost_mid_epoch_resumes_from_its_checkpoint_on_the_nodes_left(cluster, tmp_path):
+    """A streamed run (Ray Data feeds the workers) loses a training node during epoch 3: Ray
+    Train restarts the group on the nodes that remain, the workers take fresh shards of the
+    same Datasets, and the run resumes from its last checkpoint with every epoch once. (The
+    in-memory path resumes the same way after a worker dies: tests/test_train_ray.py.)"""
+    from test_streaming import mixed_size_folder
+
+    root = mixed_size_folder(tmp_path / "folder", n=320)
+    cfg = load_run_config(None, ["data.name=imagefolder", f"data.root={root}", "data.image_size=16",
+                                 "data.streaming=true", "train.epochs=5", "train.max_failures=3"])
     store = ResultsStore(str(tmp_path), "node-loss")
     removed: dict = {}
     done = threading.Event()
@@ -157,13 +166,14 @@ def test_a_node_lost_mid_training_resumes_from_its_checkpoint_on_the_nodes_left(
                                    workers_before=set(_train_workers()))
                     cluster.remove_node(victim, allow_graceful=False)  # as a machine that dies
                     return
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     before = _train_workers()
     remover = threading.Thread(target=remove_a_training_node_after_epoch_2, daemon=True)
     remover.start()
     try:
-        summary = train_cmd.run(_request(tmp_path, "node-loss", epochs=6))
+        summary = train_cmd.run(train_cmd.TrainRequest(cfg, Placement(workers=2, strategy="SPREAD"),
+                                                       str(tmp_path), "node-loss"))
     finally:
         done.set()
         remover.join(timeout=30)
@@ -174,8 +184,8 @@ def test_a_node_lost_mid_training_resumes_from_its_checkpoint_on_the_nodes_left(
           f"epoch {summary.get('resumed_from_epoch')}; history epochs {epochs}; restarted workers ran on "
           f"{sorted(n[:8] for n in restarted.values())}; test accuracy {summary.get('test_accuracy', 0):.4f}")
     assert removed, "no training node was removed"
-    assert summary["status"] == "completed" and summary["resumed_from_epoch"] >= 2
-    assert epochs == list(range(1, 7))  # every epoch exactly once
+    assert summary["status"] == "completed" and summary["resumed_from_epoch"] >= 2, summary
+    assert epochs == list(range(1, 6))  # every epoch exactly once
     # The GCS marks a killed node dead after its health checks fail (seconds); the run
     # can finish before that.
     deadline = time.monotonic() + 60
@@ -185,4 +195,4 @@ def test_a_node_lost_mid_training_resumes_from_its_checkpoint_on_the_nodes_left(
     assert removed["node"] not in alive_now and len(alive_now) == 2
     # The restarted group ran on the nodes that remain, one worker each (SPREAD).
     assert len(restarted) == 2 and set(restarted.values()) <= alive_now and len(set(restarted.values())) == 2
-    assert summary["test_accuracy"] >= 0.9
+    assert summary["test_accuracy"] > 0.5  # 4 classes

@@ -182,9 +182,15 @@ def decode_batch(batch: dict, spec: DecodeSpec) -> dict:
         source = str(sources[i]) if sources is not None else f"row {i}"
         images.append(prepare(data, spec, source).numpy())
         labels.append(_label(batch, i, spec, source))
-    shape = (len(images), *spec.shape)
-    return {"image": np.stack(images) if images else np.zeros(shape, np.uint8),
-            "label": np.asarray(labels, dtype=np.int64)}
+    if not images:
+        # A batch with no row of this split: Ray Data cannot infer a tensor column from an
+        # empty array (it warns and pickles the block), so hand it the typed empty table.
+        import pyarrow as pa
+        from ray.data.extensions import ArrowTensorArray
+
+        return pa.table({"image": ArrowTensorArray.from_numpy(np.zeros((0, *spec.shape), np.uint8)),
+                         "label": np.zeros(0, np.int64)})
+    return {"image": np.stack(images), "label": np.asarray(labels, dtype=np.int64)}
 
 
 def _label(batch: dict, i: int, spec: DecodeSpec, source: str) -> int:
