@@ -143,12 +143,21 @@ def test_train_streams_a_mixed_size_folder_with_two_workers(tmp_path, capsys):
     assert (ours - theirs).abs().max() <= 2
 
 
-def test_train_streams_parquet_shards_from_s3(tmp_path, s3_server, capsys):
+def test_s3_end_to_end_streamed_data_killed_driver_resume_results_predict_export(tmp_path, s3_server, capsys):
+    """Parquet shards on a real S3-protocol server, results on it too. `raysweep train` runs
+    in its own process (with its own embedded Ray) and is killed with SIGKILL once two
+    checkpoints are on S3; `--resume` continues from the last one and keeps every epoch
+    once. Then results, predict (inputs from S3) and export read the run back by URI."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
     import boto3
     import ray
 
     ray.shutdown()  # the embedded Ray that main() starts must inherit the S3 environment
-
     split, _, classes = DATASETS["synthetic"](DataConfig(name="synthetic", num_samples=360, image_size=12,
                                                          num_classes=3))
     shards = tmp_path / "shards"
@@ -161,15 +170,39 @@ def test_train_streams_parquet_shards_from_s3(tmp_path, s3_server, capsys):
         s3.create_bucket(Bucket=bucket)
     for f in shards.iterdir():
         s3.upload_file(str(f), "data", f"cifar-like/{f.name}")
-    code = main(["train", "--workers", "1", "--storage", "s3://runs/exp", "--name", "s3run",
-                 "--set", "data.name=parquet", "--set", "data.root=s3://data/cifar-like",
-                 "--set", "train.epochs=2"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert "streaming ~" in out
+    args = ["train", "--workers", "1", "--storage", "s3://runs/exp", "--name", "s3run",
+            "--set", "data.name=parquet", "--set", "data.root=s3://data/cifar-like", "--set", "train.epochs=5"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=Path(__file__).resolve().parent.parent,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    checkpoints = set()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(checkpoints) < 2:
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            listing = s3.list_objects_v2(Bucket="runs", Prefix="exp/s3run/checkpoint_").get("Contents", [])
+            checkpoints = {o["Key"].split("/")[2] for o in listing if o["Key"].endswith("/state.pt")}
+            time.sleep(0.3)
+        assert len(checkpoints) >= 2, "no two checkpoints on S3 in time"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and its embedded Ray, as if the machine died
+        proc.wait()
+        log.close()
+    assert "streaming ~" in (tmp_path / "driver.log").read_text()
+    assert not s3.list_objects_v2(Bucket="runs", Prefix="exp/s3run/summary.json").get("KeyCount")
+    capsys.readouterr()
+    assert main(args) == 2  # the name is taken: continuing needs --resume
+    assert "--resume" in capsys.readouterr().err
+    code = main([*args, "--resume"])
+    assert code == 0, capsys.readouterr().out
     summary = json.loads(s3.get_object(Bucket="runs", Key="exp/s3run/summary.json")["Body"].read())
-    assert summary["status"] == "completed" and summary["test_accuracy"] > 0.4  # 3 classes
+    assert summary["status"] == "completed" and summary["resumed_from_epoch"] >= 2, summary
+    assert summary["test_accuracy"] > 0.4  # 3 classes
     assert summary["checkpoint"].startswith("s3://runs/exp/s3run/checkpoint_")  # a URI that opens later
+    s3.download_file("runs", "exp/s3run/history.parquet", str(tmp_path / "history.parquet"))
+    assert pq.read_table(tmp_path / "history.parquet").column("epoch").to_pylist() == [1, 2, 3, 4, 5]
     assert main(["results", "s3://runs/exp/s3run"]) == 0
     # The winner from S3, on inputs from S3.
     pred = tmp_path / "pred.parquet"
