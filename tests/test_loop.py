@@ -50,3 +50,23 @@ def test_early_stopping_and_resume_from_state():
     fit(cfg, data, WorkerContext(), resumed)
     assert [m["epoch"] for m in resumed.metrics] == [3, 4]
     assert resumed.metrics[-1]["val_loss"] == torch.tensor(full.metrics[-1]["val_loss"]).item()
+
+
+def test_train_loss_is_the_data_loss_like_val_loss_and_the_l1_penalty_is_apart():
+    """With a rate too small to move the weights, an L1 run's train_loss is the plain run's;
+    the penalty is reported on its own, as l1 * sum|w|."""
+    from trainers.losses import l1_penalty
+    from trainers.models import build_model
+
+    runs = {}
+    for l1 in (0.0, 0.01):
+        cfg = _cfg(optim={"name": "sgd", "lr": 1e-9, "l1": l1}, train={"epochs": 1, "precision": "fp32"})
+        rep = ListReporter()
+        fit(cfg, load_data(cfg.data), WorkerContext(), rep)
+        runs[l1] = rep
+    plain, penalised = runs[0.0].metrics[0], runs[0.01].metrics[0]
+    assert abs(penalised["train_loss"] - plain["train_loss"]) < 1e-4 * plain["train_loss"], (penalised, plain)
+    net = build_model(_cfg().model, 1, 8, 10)
+    net.load_state_dict(runs[0.01].states[0]["model"])
+    assert abs(penalised["train_penalty"] - 0.01 * float(l1_penalty(net))) < 1e-3 * penalised["train_penalty"]
+    assert plain["train_penalty"] == 0.0
