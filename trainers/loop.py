@@ -38,7 +38,8 @@ class Reporter(Protocol):
         """The state of the last checkpoint, or None on a fresh start."""
 
     def report(self, metrics: dict, state: dict | None) -> None:
-        """Called once per epoch by every rank; ``state`` (rank 0 only) is to be checkpointed."""
+        """Called once per epoch by every rank; ``state`` (rank 0 only) is to be checkpointed
+        within the call: its tensors are the live ones, which training changes after it."""
 
 
 @dataclass
@@ -327,8 +328,11 @@ def fit(cfg: TrainRunConfig, data, ctx: WorkerContext, reporter: Reporter, input
         lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step: the README's ``lr``
         stats = train_one_epoch(model, inputs.train_batches(epoch, local_batch, gen), cfg, optimizer, scheduler,
                                 gen, precision, device, scaler, lookahead)
-        if lookahead is not None and epoch == cfg.train.epochs:
-            lookahead.finish()  # the last epoch ends on the slow weights
+        # Every epoch is evaluated, early-stopped on and checkpointed with the slow weights,
+        # not only the scheduled last: a run stopped early (ASHA, patience, a cut) ends on
+        # them too. Training goes on from the fast weights (put back after the report), so a
+        # full run trains as before, and a checkpoint keeps them for an exact resume.
+        fast = lookahead.show_slow() if lookahead is not None else None
         eval_start = time.perf_counter()
         val_metrics = reduce_validation(*evaluate(model, inputs.val_batches(), cfg, data.num_classes, precision,
                                                   device), prefix="val")
@@ -365,8 +369,10 @@ def fit(cfg: TrainRunConfig, data, ctx: WorkerContext, reporter: Reporter, input
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "early_stopping": stopper.state(), "epoch": epoch, "meta": meta}
             if lookahead is not None:
-                state["lookahead"] = lookahead.state_dict()
+                state["lookahead"] = lookahead.state_dict(fast)
         reporter.report(metrics, state)
+        if fast is not None:
+            lookahead.restore_fast(fast)
         if stopper.should_stop:
             break
     return metrics
