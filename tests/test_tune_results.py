@@ -48,3 +48,27 @@ def test_a_trial_the_resumed_search_does_not_know_reads_lost(tmp_path):
     status = {r["trial_id"]: (r["status"], r["error"]) for r in rows}
     assert status["kept"] == ("running", None)
     assert status["gone"][0] == "lost" and "snapshot" in status["gone"][1]
+
+
+def test_best_columns_hold_each_metrics_own_best_over_the_epochs(tmp_path):
+    """best_val_loss is the lowest val_loss, best_val_f1 the highest val_f1, even when the
+    search's metric (val_accuracy) peaks at another epoch; best_epoch follows the metric."""
+    from types import SimpleNamespace
+
+    import pyarrow.parquet as pq
+
+    from cluster.tune_results import SearchResultsCallback
+    from search_spaces.space import load_space
+
+    space = load_space("digits_cnn")
+    assert space.metric == "val_accuracy"
+    callback = SearchResultsCallback(str(tmp_path), "s", space, max_epochs=3)
+    trial = SimpleNamespace(trial_id="t", config={})
+    callback.on_trial_start(0, [], trial)
+    for epoch, (acc, loss, f1) in enumerate([(0.8, 0.5, 0.7), (0.9, 0.6, 0.85), (0.85, 0.4, 0.9)], 1):
+        callback.on_trial_result(0, [], trial, {"epoch": epoch, "val_accuracy": acc, "val_loss": loss, "val_f1": f1})
+    callback.on_trial_complete(0, [], trial)
+    row = pq.read_table(tmp_path / "s" / "trials.parquet").to_pylist()[0]
+    assert row["best_epoch"] == 2 and row["best_val_accuracy"] == 0.9
+    assert (row["best_val_loss"], row["best_val_f1"]) == (0.4, 0.9)
+    assert (row["final_val_loss"], row["final_val_f1"]) == (0.4, 0.9)
