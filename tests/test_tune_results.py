@@ -72,3 +72,13 @@ def test_best_columns_hold_each_metrics_own_best_over_the_epochs(tmp_path):
     assert row["best_epoch"] == 2 and row["best_val_accuracy"] == 0.9
     assert (row["best_val_loss"], row["best_val_f1"]) == (0.4, 0.9)
     assert (row["final_val_loss"], row["final_val_f1"]) == (0.4, 0.9)
+
+
+def test_fractional_resources_count_every_trial_that_fits():
+    """1.0 // 0.1 is 9.0 in floating point: ten 0.1-GPU trials must still count as ten."""
+    from search_spaces.tuner import SearchConfig, concurrency, times_fitting
+    from trainers.distributed import Placement
+
+    assert times_fitting(1.0, 0.1) == 10 and times_fitting(0.3, 0.1) == 3 and times_fitting(0.99, 0.1) == 9
+    gpu = SearchConfig(trials=20, placement=Placement(workers=1, use_gpu=True, cpus_per_worker=0.1, gpus_per_worker=0.1))
+    assert concurrency(gpu, {"CPU": 1.0, "GPU": 1.0}) == 10
