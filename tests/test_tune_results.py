@@ -82,3 +82,34 @@ def test_fractional_resources_count_every_trial_that_fits():
     assert times_fitting(1.0, 0.1) == 10 and times_fitting(0.3, 0.1) == 3 and times_fitting(0.99, 0.1) == 9
     gpu = SearchConfig(trials=20, placement=Placement(workers=1, use_gpu=True, cpus_per_worker=0.1, gpus_per_worker=0.1))
     assert concurrency(gpu, {"CPU": 1.0, "GPU": 1.0}) == 10
+
+
+def test_results_of_a_train_run_rank_epochs_best_first_by_its_metric(tmp_path, capsys):
+    """`raysweep results` promises best first: ascending for a loss (min mode), descending
+    for accuracy (max mode); a non-finite value ranks last."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from cluster.cli import main
+    from cluster.results_cmd import ranked
+    from cluster.tables import HISTORY_SCHEMA, rows_to_table
+
+    history = rows_to_table([{"epoch": 1, "val_loss": 0.9, "val_accuracy": 0.6},
+                             {"epoch": 2, "val_loss": 0.3, "val_accuracy": 0.8},
+                             {"epoch": 3, "val_loss": float("nan"), "val_accuracy": 0.7},
+                             {"epoch": 4, "val_loss": 0.5, "val_accuracy": 0.9}], HISTORY_SCHEMA)
+    for name, summary, expected in (
+            ("by_loss", {"config": {"train": {"early_stopping": {"metric": "val_loss"}}}}, [2, 4, 1, 3]),
+            ("by_accuracy", None, [4, 2, 3, 1])):  # no summary.json yet: val_accuracy
+        run = tmp_path / name
+        run.mkdir()
+        pq.write_table(history, run / "history.parquet")
+        if summary:
+            (run / "summary.json").write_text(json.dumps(summary))
+        capsys.readouterr()
+        assert main(["results", str(run), "--format", "json"]) == 0
+        assert [r["epoch"] for r in json.loads(capsys.readouterr().out)] == expected, name
+    trials = rows_to_table([{"epoch": 1, "val_loss": 0.4}, {"epoch": 2, "val_loss": 0.2}, {"epoch": 3}], HISTORY_SCHEMA)
+    assert [r["epoch"] for r in ranked(trials, "val_loss", "min")] == [2, 1, 3]
+    assert [r["epoch"] for r in ranked(trials, "val_loss", "max")] == [1, 2, 3]
