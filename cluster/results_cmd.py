@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pyarrow as pa
 
 from cluster.cli import EXIT_BAD_REQUEST, EXIT_OK, command
 from cluster.store import ResultsStore
+from trainers.config import EARLY_STOP_METRICS
 
 FORMATS = ("table", "csv", "json")
 
@@ -26,11 +28,25 @@ def _arguments(p):
     p.add_argument("--format", choices=FORMATS, default="table")
 
 
-def ranked(table: pa.Table, metric: str, mode: str) -> list[dict]:
-    sign = 1 if mode == "max" else -1
-    rows = table.to_pylist()
-    key = f"best_{metric}"
-    return sorted(rows, key=lambda r: (r.get(key) is None, -sign * (r.get(key) or 0.0)))
+def ranked(table: pa.Table, key: str, mode: str) -> list[dict]:
+    """Rows best first by column ``key``: descending for a max-mode metric, ascending for a
+    min-mode one (a loss); rows without a finite value last, in their order."""
+    sign = -1 if mode == "max" else 1
+
+    def order(row: dict) -> tuple:
+        value = row.get(key)
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        return (not finite, sign * value if finite else 0.0)
+
+    return sorted(table.to_pylist(), key=order)
+
+
+def run_metric(summary: dict) -> str:
+    """A train run's ranking metric: its early-stopping metric, which picked its checkpoint
+    (val_accuracy while the run has no summary.json yet)."""
+    es = ((summary.get("config") or {}).get("train") or {}).get("early_stopping") or {}
+    metric = es.get("metric")
+    return metric if metric in EARLY_STOP_METRICS else "val_accuracy"
 
 
 @command("results", "show a search's trials (trials.parquet) or a run's history, best first")(_arguments)
@@ -43,10 +59,11 @@ def _results(args) -> int:
         if history is None:
             print(f"raysweep results: no trials.parquet or history.parquet under {store.uri}", file=sys.stderr)
             return EXIT_BAD_REQUEST
-        rows = history.to_pylist()
+        metric = run_metric(store.read_json("summary.json") or {})
+        rows = ranked(history, metric, EARLY_STOP_METRICS[metric])
     else:
         best = store.read_json("best.json") or {}
-        rows = ranked(trials, best.get("metric", "val_accuracy"), best.get("mode", "max"))
+        rows = ranked(trials, f"best_{best.get('metric', 'val_accuracy')}", best.get("mode", "max"))
     rows = rows[: args.top] if args.top else rows
     print(render(rows, args.format))
     return EXIT_OK

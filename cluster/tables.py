@@ -7,6 +7,7 @@ import pyarrow as pa
 EPOCH_FIELDS = [
     pa.field("epoch", pa.int32()),
     pa.field("train_loss", pa.float64()),
+    pa.field("train_penalty", pa.float64()),
     pa.field("train_accuracy", pa.float64()),
     pa.field("val_loss", pa.float64()),
     pa.field("val_accuracy", pa.float64()),

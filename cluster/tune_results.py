@@ -20,12 +20,13 @@ from cluster.tables import EPOCHS_SCHEMA, EpochLog
 from search_spaces.space import SearchSpace
 from search_spaces.tuner import CHECKPOINT_PATH_KEY
 from trainers.distributed import checkpoint_uri
+from trainers.config import EARLY_STOP_METRICS
 from trainers.loop import STOP_DIVERGED, STOP_EARLY
 
 COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, RUNNING = "completed", "early_stopped", "diverged", "failed", "running"
 LOST = "lost"  # started before a crash, after Tune's last snapshot: a resumed search never continues it
 FINAL = (COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, LOST)
-SUMMARY_METRICS = ("val_accuracy", "val_loss", "val_f1")
+SUMMARY_METRICS = ("val_accuracy", "val_loss", "val_f1")  # best_<m>: its best over the epochs (min for a loss)
 
 
 def param_column(key: str) -> str:
@@ -87,6 +88,13 @@ class TrialRecord:
             return None
         pick = max if mode == "max" else min
         return scored[pick(sorted(scored, reverse=True), key=lambda e: self.epochs[e][metric])]
+
+    def best_value(self, metric: str) -> float | None:
+        """``metric``'s own best over the epochs, in its own direction: the best val_loss of a
+        search that ranks by val_accuracy may come from another epoch than ``best_epoch``."""
+        values = [m[metric] for m in self.epochs.values() if _finite(m.get(metric))]
+        pick = max if EARLY_STOP_METRICS[metric] == "max" else min
+        return pick(values) if values else None
 
 
 def _finite(v) -> bool:
@@ -229,7 +237,7 @@ class SearchResultsCallback(tune.Callback):
                "checkpoint": rec.best_checkpoint(m, mode)}
         row.update({param_column(k): _cast(v) for k, v in rec.params.items()})
         for name in SUMMARY_METRICS:
-            row[f"best_{name}"] = rec.epochs[best].get(name) if best else None
+            row[f"best_{name}"] = rec.best_value(name)
             row[f"final_{name}"] = final.get(name)
         return row
 

@@ -219,10 +219,16 @@ def concurrency(search: SearchConfig, resources: dict[str, float]) -> int:
     """Trials that fit at once in ``resources`` (what the cluster has or can grow to):
     each takes its function's CPUs plus its workers' CPUs (and GPUs)."""
     p = search.placement
-    fits = int(resources.get("CPU", 0.0) // (search.driver_cpus + p.workers * p.cpus_per_worker) + 1e-9)
+    fits = times_fitting(resources.get("CPU", 0.0), search.driver_cpus + p.workers * p.cpus_per_worker)
     if p.use_gpu:
-        fits = min(fits, int(resources.get("GPU", 0.0) // (p.workers * p.gpus_per_worker) + 1e-9))
+        fits = min(fits, times_fitting(resources.get("GPU", 0.0), p.workers * p.gpus_per_worker))
     return max(1, min(search.trials, search.concurrent or fits))
+
+
+def times_fitting(have: float, need: float) -> int:
+    """How many ``need``s fit in ``have``. Not ``have // need``: 1.0 // 0.1 is 9.0 in binary
+    floating point (0.1 is a hair above a tenth), so the tolerance goes on the quotient."""
+    return math.floor(have / need + 1e-9)
 
 
 def trainable(space: SearchSpace, base: dict, data: ImageData, search: SearchConfig, experiment_uri: str):

@@ -1,5 +1,6 @@
 """The plain training loop, without Ray."""
 
+import pytest
 import torch
 
 from trainers.config import TrainRunConfig
@@ -50,3 +51,49 @@ def test_early_stopping_and_resume_from_state():
     fit(cfg, data, WorkerContext(), resumed)
     assert [m["epoch"] for m in resumed.metrics] == [3, 4]
     assert resumed.metrics[-1]["val_loss"] == torch.tensor(full.metrics[-1]["val_loss"]).item()
+
+
+def test_train_loss_is_the_data_loss_like_val_loss_and_the_l1_penalty_is_apart():
+    """With a rate too small to move the weights, an L1 run's train_loss is the plain run's;
+    the penalty is reported on its own, as l1 * sum|w|."""
+    from trainers.losses import l1_penalty
+    from trainers.models import build_model
+
+    runs = {}
+    for l1 in (0.0, 0.01):
+        cfg = _cfg(optim={"name": "sgd", "lr": 1e-9, "l1": l1}, train={"epochs": 1, "precision": "fp32"})
+        rep = ListReporter()
+        fit(cfg, load_data(cfg.data), WorkerContext(), rep)
+        runs[l1] = rep
+    plain, penalised = runs[0.0].metrics[0], runs[0.01].metrics[0]
+    assert abs(penalised["train_loss"] - plain["train_loss"]) < 1e-4 * plain["train_loss"], (penalised, plain)
+    net = build_model(_cfg().model, 1, 8, 10)
+    net.load_state_dict(runs[0.01].states[0]["model"])
+    assert abs(penalised["train_penalty"] - 0.01 * float(l1_penalty(net).detach())) < 1e-3 * penalised["train_penalty"]
+    assert plain["train_penalty"] == 0.0
+
+
+def test_checkpoints_before_the_last_epoch_hold_lookahead_slow_weights_and_lr_is_the_epochs_first():
+    """A run stopped early (ASHA, patience, a cut) ends on its last checkpoint: that must be
+    the slow weights, not only at the scheduled last epoch. Resuming goes on from the fast."""
+    import math
+
+    from trainers.optim import SCHEDULES
+
+    cfg = _cfg(optim={"name": "momentum", "lr": 0.05, "lookahead_every": 7, "schedule": "triangle"},
+               train={"epochs": 2, "precision": "fp32"})
+    data = load_data(cfg.data)
+    steps = math.ceil(len(data.train) / cfg.train.batch_size)
+    assert steps % 7, "the epoch must not end on a Lookahead sync, or fast == slow there"
+    rep = ListReporter()
+    fit(cfg, data, WorkerContext(), rep)
+    for state in rep.states[:1]:  # epoch 1 of 2
+        slow = state["lookahead"]["slow"]
+        assert all(torch.equal(state["model"][k], v) for k, v in slow.items()), state["epoch"]
+        assert any(not torch.equal(state["lookahead"]["fast"][k], v) for k, v in slow.items())
+    resumed = ListReporter(resume_from=rep.states[0])
+    fit(cfg, data, WorkerContext(), resumed)
+    assert [m["val_loss"] for m in resumed.metrics] == [m["val_loss"] for m in rep.metrics[1:]]
+    for m in rep.metrics:  # README: `lr` is the rate at the epoch's first step
+        first_step = (m["epoch"] - 1) * steps
+        assert m["lr"] == pytest.approx(0.05 * SCHEDULES["triangle"](first_step, steps * 2, 0))

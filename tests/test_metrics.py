@@ -33,6 +33,25 @@ def test_matches_scikit_learn_on_random_labels():
     assert (s["precision"], s["recall"], s["f1"]) == pytest.approx((prec, rec, f1))
 
 
+def test_macro_scores_skip_classes_absent_from_labels_and_predictions_as_scikit_learn():
+    """A folder holding 2 of 10 classes, every image right: macro recall is 1, not 0.2."""
+    y = torch.tensor([3, 3, 7, 7, 7])
+    s = scores_from_confusion(confusion_matrix(y, y, 10))
+    assert (s["precision"], s["recall"], s["f1"]) == (1.0, 1.0, 1.0)
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(40):  # random confusion matrices, some classes absent from both sides
+        k = int(torch.randint(2, 9, (), generator=gen))
+        used = torch.randperm(k, generator=gen)[: int(torch.randint(1, k + 1, (), generator=gen))]
+        n = int(torch.randint(1, 60, (), generator=gen))
+        y = used[torch.randint(0, len(used), (n,), generator=gen)]
+        p = torch.where(torch.rand(n, generator=gen) < 0.5, y, torch.randint(0, k, (n,), generator=gen))
+        s = scores_from_confusion(confusion_matrix(y, p, k))
+        expected = precision_recall_fscore_support(y, p, average="macro", zero_division=0)[:3]
+        assert (s["precision"], s["recall"], s["f1"]) == pytest.approx(expected), (trial, y.tolist(), p.tolist())
+    empty = scores_from_confusion(torch.zeros(4, 4, dtype=torch.long))
+    assert empty == {"accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+
 def _rank_main(rank, world, port, y, p, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -38,7 +38,8 @@ class Reporter(Protocol):
         """The state of the last checkpoint, or None on a fresh start."""
 
     def report(self, metrics: dict, state: dict | None) -> None:
-        """Called once per epoch by every rank; ``state`` (rank 0 only) is to be checkpointed."""
+        """Called once per epoch by every rank; ``state`` (rank 0 only) is to be checkpointed
+        within the call: its tensors are the live ones, which training changes after it."""
 
 
 @dataclass
@@ -98,7 +99,8 @@ class Normalizer(nn.Module):
 
 @dataclass
 class EpochStats:
-    loss_sum: torch.Tensor
+    loss_sum: torch.Tensor  # the data loss alone, as evaluate() measures it on validation
+    penalty_sum: torch.Tensor  # the L1 term added to it for the gradient
     correct: torch.Tensor  # on augmented training batches, as seen by the model
     count: torch.Tensor
     first_bad_step: torch.Tensor  # -1 while every loss is finite
@@ -123,10 +125,12 @@ Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # uint8 images
 def train_one_epoch(model: Model, batches: Iterable[Batch], cfg: TrainRunConfig, optimizer, scheduler,
                     gen: torch.Generator, precision: str, device: torch.device, scaler=None,
                     lookahead: Lookahead | None = None) -> EpochStats:
-    """One pass over this rank's batches: augment, forward, loss + L1, step."""
+    """One pass over this rank's batches: augment, forward, loss + L1, step. The stats keep
+    the data loss and the L1 penalty apart, so ``train_loss`` and ``val_loss`` measure the same thing."""
     start = time.perf_counter()
     model.net.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    penalty_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.float64)
     count = 0
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
@@ -136,9 +140,12 @@ def train_one_epoch(model: Model, batches: Iterable[Batch], cfg: TrainRunConfig,
         x = x.contiguous(memory_format=model.memory_format)
         with autocast_for(precision, device):
             logits = model.net(x)
-            loss = compute_loss(logits, y, cfg.loss)
+            data_loss = compute_loss(logits, y, cfg.loss)
+        loss = data_loss
         if cfg.optim.l1 > 0:
-            loss = loss + cfg.optim.l1 * l1_penalty(model.net)
+            penalty = cfg.optim.l1 * l1_penalty(model.net)
+            loss = data_loss + penalty
+            penalty_sum += penalty.detach().double() * len(y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -153,10 +160,10 @@ def train_one_epoch(model: Model, batches: Iterable[Batch], cfg: TrainRunConfig,
         # Track divergence on the device: a host sync per step would stall GPUs.
         bad = ~torch.isfinite(loss.detach())
         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-        loss_sum += loss.detach().double() * len(y)
+        loss_sum += data_loss.detach().double() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         count += len(y)
-    return EpochStats(loss_sum, correct, torch.tensor(float(count), device=device), first_bad,
+    return EpochStats(loss_sum, penalty_sum, correct, torch.tensor(float(count), device=device), first_bad,
                       time.perf_counter() - start)
 
 
@@ -318,19 +325,23 @@ def fit(cfg: TrainRunConfig, data, ctx: WorkerContext, reporter: Reporter, input
     metrics: dict = {}
     for epoch in range(first_epoch, cfg.train.epochs + 1):
         gen = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + epoch * 1009 + ctx.rank)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step: the README's ``lr``
         stats = train_one_epoch(model, inputs.train_batches(epoch, local_batch, gen), cfg, optimizer, scheduler,
                                 gen, precision, device, scaler, lookahead)
-        if lookahead is not None and epoch == cfg.train.epochs:
-            lookahead.finish()  # the last epoch ends on the slow weights
+        # Every epoch is evaluated, early-stopped on and checkpointed with the slow weights,
+        # not only the scheduled last: a run stopped early (ASHA, patience, a cut) ends on
+        # them too. Training goes on from the fast weights (put back after the report), so a
+        # full run trains as before, and a checkpoint keeps them for an exact resume.
+        fast = lookahead.show_slow() if lookahead is not None else None
         eval_start = time.perf_counter()
         val_metrics = reduce_validation(*evaluate(model, inputs.val_batches(), cfg, data.num_classes, precision,
                                                   device), prefix="val")
-        sums = all_reduce_sum(torch.stack([stats.loss_sum, stats.correct, stats.count.double()]))
+        sums = all_reduce_sum(torch.stack([stats.loss_sum, stats.correct, stats.count.double(), stats.penalty_sum]))
         first_bad = all_reduce_min(torch.where(stats.first_bad_step >= 0, stats.first_bad_step, NEVER))
         metrics = {
             "epoch": epoch,
-            "train_loss": float(sums[0] / sums[2]),
+            "train_loss": float(sums[0] / sums[2]),  # the data loss, comparable with val_loss
+            "train_penalty": float(sums[3] / sums[2]),  # l1 * sum|w|, what the optimiser adds to it
             "train_accuracy": float(sums[1] / sums[2]),
             **val_metrics,
             "lr": lr,
@@ -358,8 +369,10 @@ def fit(cfg: TrainRunConfig, data, ctx: WorkerContext, reporter: Reporter, input
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "early_stopping": stopper.state(), "epoch": epoch, "meta": meta}
             if lookahead is not None:
-                state["lookahead"] = lookahead.state_dict()
+                state["lookahead"] = lookahead.state_dict(fast)
         reporter.report(metrics, state)
+        if fast is not None:
+            lookahead.restore_fast(fast)
         if stopper.should_stop:
             break
     return metrics

@@ -30,19 +30,23 @@ def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
 
 
 def scores_from_confusion(cm: torch.Tensor) -> dict[str, float]:
-    """Accuracy and macro precision/recall/F1; a class never predicted (or absent) scores 0
-    there, as scikit-learn's ``zero_division=0``."""
+    """Accuracy and macro precision/recall/F1, as scikit-learn computes them: the macro mean
+    runs over the classes present in the labels or the predictions (a class absent from both
+    would add a 0 and cap, say, recall on a folder of 2 of 10 classes at 0.2), and a class
+    present but never predicted (or never true) scores 0 there (``zero_division=0``)."""
     cm = cm.double()
     tp = cm.diag()
     predicted, actual = cm.sum(0), cm.sum(1)
+    present = (predicted > 0) | (actual > 0)
     precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
     recall = torch.where(actual > 0, tp / actual.clamp_min(1), torch.zeros_like(tp))
     denom = precision + recall
     f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-12), torch.zeros_like(tp))
     total = cm.sum()
+    n = max(1, int(present.sum()))  # an empty matrix scores 0 throughout
     return {
         "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
-        "precision": float(precision.mean()),
-        "recall": float(recall.mean()),
-        "f1": float(f1.mean()),
+        "precision": float(precision[present].sum() / n),
+        "recall": float(recall[present].sum() / n),
+        "f1": float(f1[present].sum() / n),
     }

@@ -126,13 +126,33 @@ class Lookahead:
             slow.lerp_(fast, 1 - decay)
             fast.copy_(slow)
 
-    def state_dict(self) -> dict:
-        return {"step": self.step, "slow": self.slow}
+    @torch.no_grad()
+    def show_slow(self) -> dict[str, torch.Tensor]:
+        """Put the slow weights in the network (to evaluate and checkpoint them) and return a
+        copy of the fast ones, which ``restore_fast`` puts back to go on training."""
+        fast = {}
+        for key, value in self._floats().items():
+            fast[key] = value.clone()
+            value.copy_(self.slow[key])
+        return fast
+
+    @torch.no_grad()
+    def restore_fast(self, fast: dict[str, torch.Tensor]) -> None:
+        for key, value in self._floats().items():
+            value.copy_(fast[key])
+
+    def state_dict(self, fast: dict[str, torch.Tensor] | None = None) -> dict:
+        """``fast``: the fast weights when the network holds the slow ones (``show_slow``)."""
+        return {"step": self.step, "slow": self.slow} | ({"fast": fast} if fast is not None else {})
 
     def load_state_dict(self, state: dict) -> None:
+        """Also puts a checkpoint's fast weights back in the network: its ``model`` holds the
+        slow ones, and training resumes from the fast."""
         self.step = state["step"]
         for key, value in state["slow"].items():
             self.slow[key].copy_(value)
+        if "fast" in state:
+            self.restore_fast(state["fast"])
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, steps_per_epoch: int, epochs: int):
