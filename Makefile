@@ -1,17 +1,28 @@
 # The two set-up commands of the README: `make demo` (the main job) and `make test`.
+# Both install into a virtual environment: the one that is active, or else ./.venv, made
+# here. Never into the system interpreter (Debian's and Ubuntu's are PEP 668 managed).
 PYTHON ?= python3
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
+ifdef VIRTUAL_ENV
+VENV_PYTHON := $(VIRTUAL_ENV)/bin/python
+else
+VENV_PYTHON := $(CURDIR)/.venv/bin/python
+endif
+
 .PHONY: install demo test bench
 
-install:
-	$(PYTHON) -m pip install -q -e ".[dev]"
+$(CURDIR)/.venv/bin/python:
+	$(PYTHON) -m venv $(CURDIR)/.venv || { echo "make: could not create .venv; on Debian/Ubuntu: sudo apt install python3-venv" >&2; exit 1; }
+
+install: $(VENV_PYTHON)
+	$(VENV_PYTHON) -m pip install -q -e ".[dev]"
 
 demo: install
-	raysweep tune --space digits_cnn --trials 12 --max-epochs 8
+	$(VENV_PYTHON) -m cluster tune --space digits_cnn --trials 12 --max-epochs 8
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(VENV_PYTHON) -m pytest -q tests
 
 bench: install
-	$(PYTHON) -m benchmarks all; $(PYTHON) -m benchmarks.report --readme
+	$(VENV_PYTHON) -m benchmarks all; $(VENV_PYTHON) -m benchmarks.report --readme
