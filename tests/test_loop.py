@@ -97,3 +97,15 @@ def test_checkpoints_before_the_last_epoch_hold_lookahead_slow_weights_and_lr_is
     for m in rep.metrics:  # README: `lr` is the rate at the epoch's first step
         first_step = (m["epoch"] - 1) * steps
         assert m["lr"] == pytest.approx(0.05 * SCHEDULES["triangle"](first_step, steps * 2, 0))
+
+
+def test_a_long_epoch_prints_its_progress(capsys):
+    from trainers.loop import with_progress
+
+    batches = [(torch.zeros(4, 1, 2, 2), torch.zeros(4), None) for _ in range(3)]
+    assert list(with_progress(iter(batches), epoch=2, steps=3, every_s=0.0)) == batches  # passed through
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[2] for line in lines] == ["step 1/~3 (33%)", "step 2/~3 (67%)", "step 3/~3 (100%)"]
+    assert all(line.startswith("epoch   2") and line.endswith("img/s on this worker") for line in lines)
+    list(with_progress(iter(batches), epoch=2, steps=3))  # the default: nothing within a minute
+    assert capsys.readouterr().out == ""

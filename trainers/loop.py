@@ -283,6 +283,25 @@ def build_worker_model(cfg: TrainRunConfig, data, device: torch.device) -> Model
     return Model(net.to(device, memory_format=fmt), normalize.to(device), fmt)
 
 
+PROGRESS_SECONDS = 60.0
+
+
+def with_progress(batches: Iterable[Batch], epoch: int, steps: int,
+                  every_s: float = PROGRESS_SECONDS) -> Iterator[Batch]:
+    """The batches, with a line every ``every_s`` seconds inside a long epoch (a streamed
+    epoch can take hours; the epoch's own line comes only at its end). ``steps`` is this
+    rank's expected count, approximate for a streamed set."""
+    start = last = time.perf_counter()
+    images = 0
+    for step, batch in enumerate(batches, 1):
+        yield batch
+        images += len(batch[1])
+        if (now := time.perf_counter()) - last >= every_s:
+            last = now
+            print(f"epoch {epoch:3d}  step {step}/~{steps} ({min(step / max(steps, 1), 1):.0%})  "
+                  f"{images / (now - start):.0f} img/s on this worker", flush=True)
+
+
 def checkpoint_meta(cfg: TrainRunConfig, data) -> dict:
     """What a checkpoint needs beyond weights to read raw images and name classes."""
     return {"config": cfg.to_dict(), "classes": list(data.classes), "mean": list(data.mean),
@@ -326,8 +345,10 @@ def fit(cfg: TrainRunConfig, data, ctx: WorkerContext, reporter: Reporter, input
     for epoch in range(first_epoch, cfg.train.epochs + 1):
         gen = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + epoch * 1009 + ctx.rank)
         lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step: the README's ``lr``
-        stats = train_one_epoch(model, inputs.train_batches(epoch, local_batch, gen), cfg, optimizer, scheduler,
-                                gen, precision, device, scaler, lookahead)
+        batches = inputs.train_batches(epoch, local_batch, gen)
+        if ctx.rank == 0:
+            batches = with_progress(batches, epoch, steps)
+        stats = train_one_epoch(model, batches, cfg, optimizer, scheduler, gen, precision, device, scaler, lookahead)
         # Every epoch is evaluated, early-stopped on and checkpointed with the slow weights,
         # not only the scheduled last: a run stopped early (ASHA, patience, a cut) ends on
         # them too. Training goes on from the fast weights (put back after the report), so a
