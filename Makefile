@@ -10,6 +10,10 @@ else
 VENV_PYTHON := $(CURDIR)/.venv/bin/python
 endif
 
+# As if the environment were activated: `ray`, `raysweep` and `python` (which tests and
+# job entrypoints run by name) are the environment's own.
+export PATH := $(dir $(VENV_PYTHON)):$(PATH)
+
 .PHONY: install demo test bench
 
 $(CURDIR)/.venv/bin/python:

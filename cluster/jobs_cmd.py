@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import os
 import secrets
+import shutil
 import shlex
 import subprocess
 import sys
@@ -392,13 +393,18 @@ class HeadOptions:
         return not is_loopback_host(self.dashboard_host)
 
 
+def ray_executable() -> str:
+    """Ray's CLI from raysweep's own environment (a virtual environment need not be on PATH)."""
+    return shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
+
+
 def head_command(opts: HeadOptions) -> tuple[list[str], dict[str, str]]:
     """``ray start --head --block ...`` and its environment (RAY_AUTH_MODE=token, always)."""
     mode = os.environ.get(AUTH_MODE_ENV, "token")
     if mode.lower() != "token":
         raise ConfigError([f"${AUTH_MODE_ENV}={mode}: raysweep starts clusters with token authentication only; "
                            f"unset {AUTH_MODE_ENV} (or set it to token)"])
-    argv = ["ray", "start", "--head", "--block", f"--port={opts.port}", "--include-dashboard=true",
+    argv = [ray_executable(), "start", "--head", "--block", f"--port={opts.port}", "--include-dashboard=true",
             f"--dashboard-host={opts.dashboard_host}", f"--dashboard-port={opts.dashboard_port}"]
     if opts.num_cpus is not None:
         argv.append(f"--num-cpus={opts.num_cpus}")

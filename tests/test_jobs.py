@@ -289,7 +289,9 @@ def test_token_files_are_kept_private(tmp_path, monkeypatch, capsys):
 def test_a_head_raysweep_starts_keeps_auth_on_and_binds_loopback_unless_told(monkeypatch):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     argv, env = head_command(HeadOptions(num_cpus=2))
-    assert argv[:4] == ["ray", "start", "--head", "--block"] and env["RAY_AUTH_MODE"] == "token"
+    # Ray's CLI of raysweep's own environment, found without PATH (an unactivated venv).
+    assert argv[0] == str(Path(sys.executable).parent / "ray") and Path(argv[0]).is_file()
+    assert argv[1:4] == ["start", "--head", "--block"] and env["RAY_AUTH_MODE"] == "token"
     assert "--dashboard-host=127.0.0.1" in argv and "--num-cpus=2" in argv
     assert not HeadOptions().exposed and not HeadOptions(dashboard_host="::1").exposed
     exposed = HeadOptions(dashboard_host="0.0.0.0")
