@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,15 +85,24 @@ def test_image_folder_with_corrupt_and_wrong_size_files(run, tmp_path, capsys):
     (root / "3" / "broken.png").write_bytes(b"this is no image")
     write_png(torch.zeros(3, 16, 16, dtype=torch.uint8), str(root / "unlabelled_rgb.png"))
     write_png(test.x[0], str(root / "unlabelled_ok.png"))
+    (root / "stray").mkdir()  # a class folder the model does not know: predicted, without a label
+    write_png(test.x[1], str(root / "stray" / "s.png"))
     out = tmp_path / "folder.parquet"
     code, printed = _predict(capsys, "--checkpoint", run_dir, "--data", f"imagefolder:{root}", "--out", out,
                              "--actors", "2", "--batch-size", "64")
     assert code == 0
     assert f"{_printed_accuracy(printed):.4f}" == f"{summary['test_accuracy']:.4f}"
-    assert json.loads((tmp_path / "folder.metrics.json").read_text())["accuracy"] == pytest.approx(
-        summary["test_accuracy"], abs=1e-12)
+    metrics = json.loads((tmp_path / "folder.metrics.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-12)
+    # The header's labelled count is the metrics': the unreadable labelled file is in both, and said so.
+    n = len(test)
+    assert f"({n + 1} labelled)" in printed and metrics["labelled"] == n + 1 and metrics["scored"] == n
+    assert f"over {n} of {n + 1} labelled inputs; 1 of them not predicted" in printed
+    assert "class folder(s) ['stray'] are not classes of the model" in printed and "--unknown-classes" in printed
     rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
-    assert len(rows) == len(test) + 3  # every file, one row each
+    assert len(rows) == len(test) + 4  # every file, one row each
+    stray = rows[str(root / "stray" / "s.png")]
+    assert stray["label"] is None and stray["error"] is None and stray["pred_class"] in classes
     assert "not a readable image" in rows[str(root / "3" / "broken.png")]["error"]
     wrong = rows[str(root / "unlabelled_rgb.png")]
     assert "3x16x16" in wrong["error"] and "1x8x8" in wrong["error"] and wrong["label"] is None
@@ -195,8 +205,11 @@ def test_bad_requests_are_refused_before_any_work(run, tmp_path, capsys):
         assert message in capsys.readouterr().err, argv
     (tmp_path / "pets" / "cats").mkdir(parents=True)
     (tmp_path / "pets" / "cats" / "x.png").write_bytes(b"")
-    assert main(["predict", "--checkpoint", str(run_dir), "--data", f"imagefolder:{tmp_path / 'pets'}", "--out", out]) == 2
+    pets = ["--checkpoint", str(run_dir), "--data", f"imagefolder:{tmp_path / 'pets'}", "--out", out]
+    assert main(["predict", *pets, "--unknown-classes", "error"]) == 2
     assert "['cats'] are not classes of the model" in capsys.readouterr().err
+    assert main(["predict", *pets, "--unknown-classes", "skip"]) == 2
+    assert "no .jpg/.jpeg/.png/.bmp/.webp files to predict" in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists()
 
 
@@ -207,3 +220,103 @@ def test_checkpoint_found_through_a_file_uri(run):
     state, where, how = load_checkpoint(f"file://{run_dir}")
     assert where == f"file://{summary['checkpoint']}" and how == "the train run's best checkpoint"
     assert set(state) == {"model", "meta"} and state["meta"]["classes"] == classes
+
+
+def test_named_data_set_of_another_size_gives_error_rows_and_no_ray_error_line(run, ray_local, tmp_path):
+    """`--data synthetic` (3x16x16, other class names) on the digits model (1x8x8, no
+    data.image_size): one error row per image, not a failed job; in a fresh driver process
+    (joining the module's Ray) so that its stderr shows what a user sees."""
+    import os
+
+    run_dir, _, _, _ = run
+    out = tmp_path / "syn.parquet"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "cluster", "predict", "--checkpoint", str(run_dir), "--data", "synthetic",
+                           "--out", str(out), "--address", ray_local.get_runtime_context().gcs_address],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1, done.stdout + done.stderr  # ran; no input could be predicted
+    assert "constructor arguments in the object store" not in done.stderr
+    assert "Traceback" not in done.stderr
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 400 and all("3x16x16" in r["error"] and "1x8x8" in r["error"] for r in rows)
+    assert all(r["label"] is None and r["pred_index"] is None for r in rows)  # its classes are not the model's
+
+
+# -- plain functions, no Ray -----------------------------------------------------------------
+
+
+def _batch(n: int, errors=()) -> dict:
+    import numpy as np
+
+    err = np.array(["broken" if i in errors else "" for i in range(n)], dtype=object)
+    return {"id": np.array([f"x{i}" for i in range(n)], dtype=object), "label": np.arange(n) % 2,
+            "pred_index": np.zeros(n, dtype=np.int64), "topk_index": np.zeros((n, 1), dtype=np.int64),
+            "topk_probs": np.ones((n, 1), dtype=np.float32), "error": err}
+
+
+def test_rows_are_counted_before_the_output_is_published(tmp_path):
+    from cluster.predict_report import PredictError, output_schema, write_predictions
+
+    out = tmp_path / "p.parquet"
+    out.write_bytes(b"an earlier output")
+    schema = output_schema("ckpt", ["a", "b"])
+    with pytest.raises(PredictError, match="3 rows for 4 inputs"):
+        write_predictions([_batch(2), _batch(1)], out, schema, ["a", "b"], expected=4)
+    assert out.read_bytes() == b"an earlier output" and sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]
+    tally = write_predictions([_batch(3, errors={1}), _batch(1)], out, schema, ["a", "b"], expected=4)
+    assert pq.read_table(out).num_rows == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["p.parquet"]
+    assert (tally.labelled, tally.scored, tally.labelled_errors, tally.errors) == (4, 3, 1, 1)
+
+
+def test_fractional_cpus_per_actor_count_every_actor_that_fits():
+    from cluster.predict_cmd import PredictRequest, default_actors, how_many
+
+    assert how_many(1.0, 0.1) == 10 and how_many(2.0, 0.5) == 4 and how_many(0.9, 1.0) == 0
+    # Half of 1 CPU at 0.1 each: 5 actors (1.0 // 0.2 is 4.0 in floats).
+    assert default_actors(1.0, 0, PredictRequest("c", "digits", Path("o.parquet"), cpus_per_actor=0.1)) == 5
+
+
+def test_parquet_classes_the_model_lacks_follow_unknown_classes(tmp_path):
+    import numpy as np
+
+    from cluster.predict_inputs import plan_inputs
+    from trainers.data import DataError
+    from trainers.streaming import read_row_groups
+
+    images = torch.zeros(6, 1, 8, 8, dtype=torch.uint8)
+    write_parquet_images(tmp_path / "in.parquet", images, torch.tensor([0, 1, 2, 2, 1, 0]), ["b", "zebra", "a"])
+    meta, spec = {"classes": ["a", "b"]}, f"parquet:{tmp_path / 'in.parquet'}"
+    with pytest.raises(DataError, match=r"\['zebra'\] are not classes of the model"):
+        plan_inputs(spec, meta, None, "error")
+    for unknown, count, labels in (("unlabelled", 6, [1, -1, 0, 0, -1, 1]), ("skip", 4, [1, 0, 0, 1])):
+        inputs = plan_inputs(spec, meta, None, unknown)
+        assert inputs.count == count and inputs.labelled == 4 and "zebra" in inputs.notes[0]
+        cols = {k: np.array([i[k] for i in inputs.items]) for k in inputs.items[0]}
+        rows = read_row_groups(cols, inputs.label_maps)
+        assert rows["label"].tolist() == labels and len(rows["id"]) == count
+    assert rows["id"][1] == f"{tmp_path / 'in.parquet'}#2"  # rows keep their place in the file
+
+
+def test_images_are_brought_to_the_model_by_its_own_preprocessing():
+    import numpy as np
+
+    from trainers.streaming import conform_rows, decode_rows, evaluation_spec
+
+    batch = {"id": np.array(["a", "b"], dtype=object), "label": np.array([0, -1]),
+             "image": np.full((2, 3, 16, 12), 200, dtype=np.uint8)}
+    refused = conform_rows(batch, evaluation_spec([1, 8, 8]))
+    assert all("3x16x12" in e and "1x8x8" in e for e in refused["error"])
+    resized = conform_rows(batch, evaluation_spec([1, 8, 8], [8, 8]))
+    assert list(resized["error"]) == ["", ""] and resized["image"].shape == (2, 1, 8, 8)
+    assert (resized["image"] == 200).all()
+    png = write_png_bytes(torch.full((3, 20, 10), 7, dtype=torch.uint8))
+    encoded = {"id": np.array(["p", "q"], dtype=object), "label": np.array([0, 0]),
+               "bytes": np.array([png, b"junk"], dtype=object), "error": np.array(["", ""], dtype=object)}
+    out = decode_rows(encoded, evaluation_spec([1, 8, 8], [8, 8]))
+    assert out["error"][0] == "" and (out["image"][0] == 7).all() and "not a readable image" in out["error"][1]
+
+
+def write_png_bytes(img: torch.Tensor) -> bytes:
+    from torchvision.io import encode_png
+
+    return encode_png(img).numpy().tobytes()
