@@ -27,7 +27,8 @@ from cluster.predict_report import (PredictError, confusion_png, format_report, 
 from trainers.checkpoints import CheckpointError
 from trainers.inference import (EXPORT_FORMATS, InferenceError, classifier_from_state, inference_precision,
                                 predict)
-from trainers.streaming import NO_LABEL, DecodeSpec, conform_rows, decode_rows, evaluation_spec, read_files, read_row_groups
+from trainers.predict_readers import NO_LABEL, conform_rows, decode_rows, evaluation_spec, read_files, read_row_groups
+from trainers.streaming import DecodeSpec
 
 __all__ = ["PredictRequest", "load_checkpoint", "run_predict", "how_many"]
 

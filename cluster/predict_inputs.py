@@ -19,7 +19,8 @@ import numpy as np
 from trainers.checkpoints import STATE_FILE, load_state
 from trainers.data import DATASETS, IMAGE_SUFFIXES, DataError, decode_classes, load_data
 from trainers.inference import InferenceError, check_state
-from trainers.streaming import NO_LABEL, SKIP_LABEL, list_images, list_parquet, row_groups
+from trainers.predict_readers import NO_LABEL, SKIP_LABEL, list_images, row_groups
+from trainers.streaming import list_parquet
 from trainers.uris import as_uri, open_parquet
 
 # --unknown-classes: what becomes of inputs labelled with a class the model does not know

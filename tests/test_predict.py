@@ -281,7 +281,7 @@ def test_parquet_classes_the_model_lacks_follow_unknown_classes(tmp_path):
 
     from cluster.predict_inputs import plan_inputs
     from trainers.data import DataError
-    from trainers.streaming import read_row_groups
+    from trainers.predict_readers import read_row_groups
 
     images = torch.zeros(6, 1, 8, 8, dtype=torch.uint8)
     write_parquet_images(tmp_path / "in.parquet", images, torch.tensor([0, 1, 2, 2, 1, 0]), ["b", "zebra", "a"])
@@ -300,7 +300,7 @@ def test_parquet_classes_the_model_lacks_follow_unknown_classes(tmp_path):
 def test_images_are_brought_to_the_model_by_its_own_preprocessing():
     import numpy as np
 
-    from trainers.streaming import conform_rows, decode_rows, evaluation_spec
+    from trainers.predict_readers import conform_rows, decode_rows, evaluation_spec
 
     batch = {"id": np.array(["a", "b"], dtype=object), "label": np.array([0, -1]),
              "image": np.full((2, 3, 16, 12), 200, dtype=np.uint8)}
