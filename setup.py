@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Distributed training and hyperparameter search for image classifiers on Ray",
     python_requires=">=3.10",
-    packages=find_packages(include=["cluster*", "trainers*", "search_spaces*"]),
+    packages=find_packages(include=["raysweep*", "cluster*", "trainers*", "search_spaces*"]),
     package_data={"search_spaces": ["*.yaml"], "cluster": ["*.yaml"]},
     install_requires=[
         "ray[data,train,tune,default]>=2.60,<2.61",

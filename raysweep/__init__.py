@@ -1,0 +1,147 @@
+"""raysweep's Python API: what the `raysweep` commands do, as functions that return their
+results instead of exit codes.
+
+    import raysweep
+    run = raysweep.train(overrides={"train.epochs": 3}, workers=1, name="first")
+    best = raysweep.tune("digits_cnn", trials=8, max_epochs=4)
+    table = raysweep.results("runs/first")        # a pyarrow Table, best first
+
+A request refused before anything ran raises ``ValueError`` (``ConfigError`` or
+``DataError``, naming each field, value and fix) or ``ClusterError`` (the cluster cannot
+do what was asked). Work that ran and failed is reported in what is returned
+(``status``), as the commands report it in their exit code.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from trainers.configtools import ConfigError
+
+__all__ = ["ConfigError", "export", "predict", "results", "train", "tune"]
+
+Overrides = Mapping[str, Any] | Iterable[str]
+
+
+def run_values(config: str | Path | Mapping | None, overrides: Overrides | None) -> dict:
+    """The user's settings: a YAML file's or a dict's sections, then ``overrides`` given as
+    ``{"optim.lr": 0.01}`` or as the CLI's ``["optim.lr=0.01"]``. Validated by the caller."""
+    from trainers.config import load_run_values
+    from trainers.configtools import set_path
+
+    texts = [o for o in overrides or () if isinstance(o, str)] if not isinstance(overrides, Mapping) else []
+    values = load_run_values(str(config) if isinstance(config, (str, Path)) else None, texts)
+    if isinstance(config, Mapping):
+        values = _merged(copy.deepcopy(dict(config)), values)
+    for key, value in (overrides.items() if isinstance(overrides, Mapping) else ()):
+        set_path(values, str(key).split("."), value)
+    return values
+
+
+def _merged(base: dict, update: dict) -> dict:
+    from trainers.configtools import merge
+
+    return merge(base, update)
+
+
+def _name(name: str | None, resume: bool, default: str) -> str:
+    if resume and name is None:
+        raise ConfigError(["resume: name the run to continue (name=...)"])
+    return default if name is None else name  # "" is refused by the run's checks, not defaulted
+
+
+def train(config: str | Path | Mapping | None = None, *, overrides: Overrides | None = None, workers: int = 2,
+          cpus_per_worker: float = 1.0, gpu: bool = False, storage: str = "./runs", name: str | None = None,
+          address: str | None = None, resume: bool = False) -> dict:
+    """`raysweep train`: one data-parallel run. Returns its ``summary.json`` (``status``,
+    test metrics, ``checkpoint`` URI, ...)."""
+    from cluster import train_cmd
+    from trainers.config import TrainRunConfig
+    from trainers.distributed import Placement
+
+    cfg = TrainRunConfig.from_dict(run_values(config, overrides))
+    if workers < 1:
+        raise ConfigError([f"workers: {workers} must be >= 1"])
+    placement = Placement(workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker)
+    req = train_cmd.TrainRequest(cfg, placement, storage, _name(name, resume, train_cmd.default_name(cfg)),
+                                 address, resume=resume)
+    return train_cmd.run(req)
+
+
+def tune(space: str | Path, config: str | Path | Mapping | None = None, *, overrides: Overrides | None = None,
+         workers_per_trial: int = 1, cpus_per_worker: float = 1.0, gpu: bool = False, gpus_per_worker: float = 1.0,
+         storage: str = "./runs", name: str | None = None, address: str | None = None, resume: bool = False,
+         **search: Any) -> dict:
+    """`raysweep tune`: a search over ``space`` (a shipped space's name or a YAML file).
+    ``search`` takes ``SearchConfig``'s fields: trials, max_epochs, searcher, scheduler,
+    grace_period, reduction_factor, concurrent, seed, trial_max_failures. Returns
+    ``best.json`` (``status``, the best trial's values, metrics and checkpoint)."""
+    import time
+
+    from cluster import tune_cmd
+    from cluster.guard import safe_name_part
+    from search_spaces.space import load_space
+    from search_spaces.tuner import SearchConfig
+    from trainers.config import TrainRunConfig
+    from trainers.distributed import Placement
+
+    loaded = load_space(str(space))
+    user = run_values(config, overrides)
+    TrainRunConfig.from_dict(user)  # what the user set must be valid on its own
+    known = set(SearchConfig.__dataclass_fields__) - {"placement"}
+    if unknown := sorted(set(search) - known):
+        raise ConfigError([f"tune: unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"])
+    search.setdefault("grace_period", SearchConfig.grace_period)
+    search["grace_period"] = min(search["grace_period"], search.get("max_epochs", SearchConfig.max_epochs))
+    placement = Placement(workers=workers_per_trial, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
+                          gpus_per_worker=gpus_per_worker)
+    searched = SearchConfig(placement=placement, **search).validate()
+    default = f"tune-{safe_name_part(loaded.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    req = tune_cmd.TuneRequest(loaded, user, searched, storage, _name(name, resume, default), address, resume=resume)
+    return tune_cmd.run(req)
+
+
+def predict(checkpoint: str, data: str, out: str | Path, **options: Any) -> dict:
+    """`raysweep predict`: one Parquet row per input of ``data`` (``imagefolder:DIR``,
+    ``parquet:PATH``, a named set such as ``digits``; local or URI) at ``out``. ``options``
+    take the command's: batch_size, top_k, use_gpu, actors, cpus_per_actor, precision,
+    address, unknown_classes. Returns the report (rows, errors, metrics when labelled)."""
+    from cluster.predict_cmd import PredictRequest, run_predict
+
+    req = PredictRequest(checkpoint, data, Path(out), **options)
+    if problems := req.problems():
+        raise ConfigError(problems)
+    return run_predict(req)
+
+
+def export(checkpoint: str, out: str | Path, format: str = "torchscript") -> Path:
+    """`raysweep export`: the checkpoint as one file plain PyTorch loads; returns its path."""
+    from cluster.predict_cmd import EXPORT_FORMATS, load_checkpoint
+
+    if format not in EXPORT_FORMATS:
+        raise ConfigError([f"format: {format!r} is not one of {', '.join(sorted(EXPORT_FORMATS))}"])
+    state, _, _ = load_checkpoint(checkpoint)
+    return Path(EXPORT_FORMATS[format](state, Path(out)))
+
+
+def results(experiment: str | Path):
+    """`raysweep results`: a search's trials or a run's epochs as a pyarrow Table, best first."""
+    import pyarrow as pa
+
+    from cluster.results_cmd import ranked, run_metric, split_experiment
+    from cluster.store import ResultsStore
+    from trainers.config import EARLY_STOP_METRICS
+
+    store = ResultsStore(*split_experiment(str(experiment)))
+    if (table := store.read_table("trials.parquet")) is not None:
+        best = store.read_json("best.json") or {}
+        metric, mode = best.get("metric", "val_accuracy"), best.get("mode", "max")
+        key = f"best_{metric}" if f"best_{metric}" in table.column_names else metric
+    elif (table := store.read_table("history.parquet")) is not None:
+        key = run_metric(store.read_json("summary.json") or {})
+        mode = EARLY_STOP_METRICS[key]
+    else:
+        raise FileNotFoundError(f"no trials.parquet or history.parquet under {store.uri}")
+    return pa.Table.from_pylist(ranked(table, key, mode), schema=table.schema)
