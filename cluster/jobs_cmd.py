@@ -30,7 +30,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from cluster.auth import AUTH_MODE_ENV, Token, ensure_token, find_token, refused_message
-from cluster.cli import EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_OK, command
+from cluster.cli import EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_OK, command, non_negative_int
 from cluster.connect import ClusterError, _check_reachable
 from cluster.guard import check_name
 from trainers.configtools import ConfigError, shown
@@ -313,7 +313,7 @@ def _jobs_arguments(p: argparse.ArgumentParser) -> None:
     logs = sub.add_parser("logs", parents=[common], help="a job's logs")
     logs.add_argument("job_id")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
-    logs.add_argument("--tail", type=int, default=0, help="only the last N lines")
+    logs.add_argument("--tail", type=non_negative_int, default=0, help="only the last N lines")
     sub.add_parser("stop", parents=[common], help="stop a job (its processes are terminated)").add_argument("job_id")
 
 
@@ -423,8 +423,8 @@ def _head_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dashboard-host", default=d.dashboard_host,
                    help="bind address of the dashboard and job server (default 127.0.0.1; anything else "
                         "exposes them, with a warning)")
-    p.add_argument("--num-cpus", type=int)
-    p.add_argument("--num-gpus", type=int)
+    p.add_argument("--num-cpus", type=non_negative_int)
+    p.add_argument("--num-gpus", type=non_negative_int)
     p.add_argument("--temp-dir")
     p.add_argument("extra", nargs=argparse.REMAINDER, metavar="-- RAY_START_ARGS",
                    help="further `ray start` arguments")
