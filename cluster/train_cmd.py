@@ -14,7 +14,7 @@ from cluster.guard import check_run_target
 from cluster.plots import training_curves
 from cluster.store import ResultsStore
 from trainers.checkpoints import evaluate_state, load_state
-from trainers.config import TrainRunConfig
+from trainers.config import TrainRunConfig, check_paths
 from trainers.data import ImageData
 from trainers.streaming import DECODE_CPUS, StreamPlan, build_dataset, load_for_training
 from trainers.distributed import Placement, best_checkpoint, checkpoint_uri, run_training
@@ -64,6 +64,7 @@ def evaluate_on_test(checkpoint: ray.train.Checkpoint, data_ref, use_gpu: bool) 
 
 def run(req: TrainRequest, data: ImageData | None = None) -> dict:
     """Train, evaluate the best checkpoint on the test split, write the results; returns the summary."""
+    check_paths([req.cfg])  # the files the config names: before Ray starts, like the rest
     store = check_run_target(req.storage, req.name, req.resume, "train")  # before Ray starts
     data = data or load_for_training(req.cfg)  # before Ray starts: data errors come first
     streamed = isinstance(data, StreamPlan)

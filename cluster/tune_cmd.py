@@ -18,7 +18,7 @@ from cluster.train_cmd import evaluate_on_test
 from cluster.tune_results import COMPLETED, EARLY_STOPPED, SearchResultsCallback
 from search_spaces.space import SearchSpace, load_space
 from search_spaces.tuner import SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, check_restorable, concurrency
-from trainers.config import load_run_values
+from trainers.config import check_paths, load_run_values
 from trainers.configtools import ConfigError, merge
 from trainers.streaming import DECODE_CPUS, StreamPlan, load_for_training
 from trainers.distributed import Placement
@@ -88,6 +88,7 @@ def run(req: TuneRequest) -> dict:
     """Run (or resume) the search; returns what best.json holds."""
     base = base_config(req)
     probe = req.space.trial_config(base, req.space.default_point())  # config errors before Ray starts
+    check_paths([probe, *req.space.value_configs(base)])  # every bound and choice, with the user's settings
     store = check_run_target(req.storage, req.name, req.resume, "tune")
     if req.resume:
         check_restorable(store.uri)
