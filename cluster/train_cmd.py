@@ -14,7 +14,8 @@ from cluster.guard import check_run_target
 from cluster.plots import training_curves
 from cluster.store import ResultsStore
 from trainers.checkpoints import evaluate_state, load_state
-from trainers.config import TrainRunConfig, check_paths
+from trainers.config import TrainRunConfig
+from trainers.configpaths import check_paths
 from trainers.data import ImageData
 from trainers.streaming import DECODE_CPUS, StreamPlan, build_dataset, load_for_training
 from trainers.distributed import Placement, best_checkpoint, checkpoint_uri, run_training

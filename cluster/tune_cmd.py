@@ -18,7 +18,8 @@ from cluster.train_cmd import evaluate_on_test
 from cluster.tune_results import COMPLETED, EARLY_STOPPED, SearchResultsCallback
 from search_spaces.space import SearchSpace, load_space
 from search_spaces.tuner import SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, check_restorable, concurrency
-from trainers.config import check_paths, load_run_values
+from trainers.config import load_run_values
+from trainers.configpaths import check_paths
 from trainers.configtools import ConfigError, merge
 from trainers.streaming import DECODE_CPUS, StreamPlan, load_for_training
 from trainers.distributed import Placement

@@ -219,11 +219,25 @@ def test_load_state_names_the_file_whatever_is_wrong(tmp_path, content):
         load_state(tmp_path)
 
 
-def test_missing_pretrained_weights_are_refused_before_ray(tmp_path, capsys, no_ray):
-    code, err = run_cli(["train", "--set", "model.name=resnet50", "--set", f"model.pretrained={tmp_path}/none.pth",
+@pytest.mark.parametrize("weights, reason", [(None, "no such file"), (b"", "cannot be read"),
+                                             (b"PK\x03\x04 cut short", "cannot be read")])
+def test_missing_or_broken_pretrained_weights_are_refused_before_ray(tmp_path, capsys, no_ray, weights, reason):
+    if weights is not None:
+        (tmp_path / "w.pth").write_bytes(weights)
+    code, err = run_cli(["train", "--set", "model.name=resnet50", "--set", f"model.pretrained={tmp_path}/w.pth",
                          "--storage", str(tmp_path / "runs")], capsys)
-    assert code == 2 and "model.pretrained" in err and "no such file" in err
+    assert code == 2 and f"model.pretrained '{tmp_path}/w.pth'" in err and reason in err
     assert not (tmp_path / "runs").exists()  # refused before anything was made
+
+
+def test_readable_pretrained_weights_pass_the_check(tmp_path):
+    import torch
+
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "w.pth")
+    cfg = config_module.load_run_config(None, [f"model.pretrained={tmp_path}/w.pth"])
+    from trainers.configpaths import path_problems
+
+    assert path_problems(cfg) == []
 
 
 # -- the store's temporary files -------------------------------------------------------

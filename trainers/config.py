@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
-from trainers.configtools import ConfigError, choice_problem, from_dict, range_problem, to_dict
+from trainers.configtools import choice_problem, from_dict, range_problem, to_dict
 from trainers.preprocess import TRAIN_CROPS
 
 
@@ -327,41 +326,6 @@ class TrainRunConfig:
 
     def replace(self, **sections) -> "TrainRunConfig":
         return dataclasses.replace(self, **sections)
-
-
-# Config fields that name a file on the driver's machine, and the values that are names,
-# not paths. A missing file failed inside every worker, retried max_failures times (exit 1);
-# checked here it is refused before Ray starts (exit 2).
-PATH_FIELDS: dict[tuple[str, str], tuple[str, ...]] = {("model", "pretrained"): ("imagenet",)}
-
-
-def path_problems(cfg: TrainRunConfig) -> list[str]:
-    """Why a file or directory the config names cannot be read here; [] when all can.
-    URIs are left to their readers (they need credentials and a network)."""
-    problems = []
-    for (section, key), names in PATH_FIELDS.items():
-        value = getattr(getattr(cfg, section), key)
-        if value is None or value in names or "://" in value:
-            continue
-        path = Path(value).expanduser()
-        try:
-            if path.is_file():
-                with open(path, "rb") as f:
-                    f.read(1)
-            elif not path.is_dir():
-                raise FileNotFoundError
-        except OSError as e:
-            reason = "no such file or directory" if isinstance(e, FileNotFoundError) else (e.strerror or str(e))
-            problems.append(f"{section}.{key}: {value!r}: {reason}; give a local file"
-                            + (f" or one of: {', '.join(names)}" if names else ""))
-    return problems
-
-
-def check_paths(configs) -> None:
-    """``ConfigError`` listing every unreadable file that any of ``configs`` names."""
-    problems = list(dict.fromkeys(p for cfg in configs for p in path_problems(cfg)))
-    if problems:
-        raise ConfigError(problems)
 
 
 def load_run_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> TrainRunConfig:
