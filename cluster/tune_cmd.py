@@ -14,7 +14,7 @@ from cluster.connect import capacity, check_fits, connect
 from cluster.guard import check_run_target, safe_name_part
 from cluster.plots import importance, learning_curves, optimisation_history
 from cluster.store import ResultsStore
-from cluster.train_cmd import evaluate_on_test
+from cluster.train_cmd import check_placement, evaluate_on_test
 from cluster.tune_results import COMPLETED, EARLY_STOPPED, SearchResultsCallback
 from search_spaces.space import SearchSpace, load_space
 from search_spaces.tuner import SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, check_restorable, concurrency
@@ -88,6 +88,7 @@ def base_config(req: TuneRequest) -> dict:
 def run(req: TuneRequest) -> dict:
     """Run (or resume) the search; returns what best.json holds."""
     base = base_config(req)
+    check_placement(req.search.placement, "--workers-per-trial")
     probe = req.space.trial_config(base, req.space.default_point())  # config errors before Ray starts
     check_paths([probe, *req.space.value_configs(base)])  # every bound and choice, with the user's settings
     store = check_run_target(req.storage, req.name, req.resume, "tune")

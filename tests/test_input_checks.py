@@ -82,6 +82,18 @@ def test_resource_flags_must_be_positive_finite(argv, capsys):
     assert argv[-2] in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("placement", [dict(cpus_per_worker=0.0), dict(cpus_per_worker=-1.0),
+                                       dict(cpus_per_worker=math.nan), dict(workers=0),
+                                       dict(use_gpu=True, gpus_per_worker=2.0)])
+def test_the_python_api_checks_the_placement_too(tmp_path, no_ray, placement):
+    from cluster import train_cmd
+    from trainers.distributed import Placement
+
+    req = train_cmd.TrainRequest(config_module.TrainRunConfig(), Placement(**placement), str(tmp_path), "r")
+    with pytest.raises(ConfigError, match="must"):
+        train_cmd.run(req)
+
+
 # -- storage ---------------------------------------------------------------------------
 
 def test_storage_that_is_a_file_is_refused(tmp_path):
