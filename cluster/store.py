@@ -82,7 +82,11 @@ class ResultsStore:
         self.write_bytes(relative, (json.dumps(obj, indent=2, default=_jsonable) + "\n").encode())
 
     def exists(self, relative: str) -> bool:
-        return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
+        """Whether ``relative`` is there; a directory where a file belongs is an error."""
+        kind = self.fs.get_file_info(self.path(relative)).type
+        if kind == pafs.FileType.Directory:
+            raise IsADirectoryError(21, "is a directory, not a file", self.path(relative))
+        return kind != pafs.FileType.NotFound
 
     def read_table(self, relative: str) -> pa.Table | None:
         """The table, None when the file is absent; ``FileReadError`` (exit 2) naming the

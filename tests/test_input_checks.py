@@ -188,6 +188,8 @@ def _bad_files(tmp_path):
     exp2.mkdir()
     pq.write_table(pa.table({"trial_id": ["a"], "best_val_accuracy": [0.5]}), exp2 / "trials.parquet")
     (exp2 / "best.json").write_text("{not json")
+    exp3 = tmp_path / "runs" / "exp3"
+    (exp3 / "trials.parquet").mkdir(parents=True)  # read as an empty data set, shown as no rows, exit 0
     empty, cut = tmp_path / "empty", tmp_path / "cut"
     empty.mkdir()
     cut.mkdir()
@@ -203,6 +205,7 @@ def _bad_files(tmp_path):
         "non-UTF-8 space": (["tune", "--space", str(tmp_path / "latin1.yaml")], "not UTF-8"),
         "corrupt trials.parquet": (["results", str(exp)], f"{exp}/trials.parquet: cannot be read"),
         "corrupt best.json": (["results", str(exp2)], f"{exp2}/best.json: cannot be read"),
+        "directory as trials.parquet": (["results", str(exp3)], f"{exp3}/trials.parquet: cannot be read: is a directory"),
         "unknown URI scheme for results": (["results", "nosuch://bucket/runs/x"], "nosuch://bucket/runs"),
         "empty state.pt": (["export", "--checkpoint", str(empty), "--out", str(tmp_path / "m.pt")],
                            f"{empty}/state.pt: cannot be read"),
@@ -212,7 +215,7 @@ def _bad_files(tmp_path):
 
 
 BAD_FILE_CASES = ["non-UTF-8 config", "directory as config", "directory as space", "non-UTF-8 space",
-                  "corrupt trials.parquet", "corrupt best.json", "unknown URI scheme for results",
+                  "corrupt trials.parquet", "corrupt best.json", "directory as trials.parquet", "unknown URI scheme for results",
                   "empty state.pt", "truncated state.pt"]
 
 
@@ -222,6 +225,8 @@ def test_bad_files_give_exit_2_naming_the_file(case, tmp_path, capsys, no_ray):
     code, err = run_cli(argv + (["--storage", str(tmp_path / "runs")] if argv[0] in ("train", "tune") else []), capsys)
     assert code == 2, err
     assert expected in err
+    if case != "directory as space":  # that one is a bad argument (neither a file nor a shipped space)
+        assert "invalid configuration" not in err  # a file's problem is not called a config's
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", b"\x80\x02garbage"])

@@ -42,9 +42,11 @@ def _capped(problem: str, limit: int = PROBLEM_CHARS) -> str:
 class ConfigError(ValueError):
     """One or more invalid settings; ``problems`` names each field, value and fix."""
 
+    HEADER = "invalid configuration"
+
     def __init__(self, problems: Iterable[str]):
         self.problems = [_capped(str(p)) for p in problems]
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+        super().__init__(f"{self.HEADER}:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
 # Where a library built from source tells where it raised: torchvision's
@@ -71,6 +73,8 @@ FILE_ERRORS = (OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingErr
 
 class FileReadError(ConfigError):
     """A file raysweep reads is missing, unreadable or not what it should be (exit 2)."""
+
+    HEADER = "a file cannot be used"
 
 
 def file_problem(path: Any, error: BaseException, role: str = "") -> str:
