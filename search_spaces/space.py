@@ -270,7 +270,8 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
             problems.append(f"{where}.choices: expected a list, got {shown(choices)}")
             choices = ()
         problems += when_problems
-        if when_problems or None in numbers.values() and any(spec.get(f) is not None for f in numbers):
+        bad_number = any(numbers[f] is None and spec.get(f) is not None for f in numbers)
+        if when_problems or bad_number:
             continue  # a bad number or condition is reported once, not again by the checks below
         dim = Dimension(key=key, type=str(spec.get("type", "")), choices=tuple(choices), default=default,
                         when=when, **numbers)
