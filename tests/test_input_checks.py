@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 import typing
 
 import pyarrow as pa
@@ -127,8 +128,10 @@ def test_unreachable_s3_endpoint_is_refused_in_seconds(monkeypatch, capsys, tmp_
                        "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1",
                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
         monkeypatch.setenv(key, value)
+    started = time.monotonic()
     code, err = run_cli(["train", "--storage", "s3://bucket/runs", "--name", "r"], capsys)
     assert code == 2 and "--storage s3://bucket/runs" in err
+    assert time.monotonic() - started < 30  # short S3 timeouts (trainers/uris.py), not minutes of retries
 
 
 def test_unknown_storage_scheme_is_refused(capsys, no_ray):
