@@ -7,11 +7,12 @@ job); 2 the request was refused before anything ran (bad config, data or resourc
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Callable
 
-from trainers.configtools import ConfigError
+from trainers.configtools import ConfigError, clean_error
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_REQUEST = 0, 1, 2
 
@@ -28,6 +29,27 @@ def command(name: str, help: str):
         return with_runner
 
     return register
+
+
+def _number(kind, low: float, low_open: bool):
+    """An argparse ``type``: a finite ``kind`` (int/float) above ``low``; anything else is a
+    usage error (exit 2) before any work, e.g. ``--cpus-per-worker 0`` (which Ray would take)
+    or ``-1`` (which crashed Ray's raylet), or ``nan``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not math.isfinite(value) or (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a number {'>' if low_open else '>='} {low}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int, positive_float = _number(int, 0, True), _number(float, 0.0, True)
+non_negative_int = _number(int, 0, False)
 
 
 def add_common(p: argparse.ArgumentParser, storage: bool = True) -> None:
@@ -49,8 +71,8 @@ def add_config(p: argparse.ArgumentParser) -> None:
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     add_config(p)
     add_common(p)
-    p.add_argument("--workers", type=int, default=2, help="data-parallel workers (default 2)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--workers", type=positive_int, default=2, help="data-parallel workers (default 2)")
+    p.add_argument("--cpus-per-worker", type=positive_float, default=1.0, help="CPUs each worker takes (> 0)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl); refused where there is none")
 
 
@@ -94,15 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = COMMANDS[args.command][2]
     from cluster.connect import ClusterError
+    from trainers.checkpoints import CheckpointError
     from trainers.data import DataError
 
     try:
         return run(args)
-    except ConfigError as e:
-        print(f"raysweep {args.command}: {e}", file=sys.stderr)
-        return EXIT_BAD_REQUEST
-    except (DataError, ClusterError) as e:
-        print(f"raysweep {args.command}: {e}", file=sys.stderr)
+    except (ConfigError, DataError, ClusterError, CheckpointError) as e:  # refused: said why, no traceback
+        print(f"raysweep {args.command}: {clean_error(str(e))}", file=sys.stderr)
         return EXIT_BAD_REQUEST
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -115,11 +116,32 @@ def make_private_dirs(store: ResultsStore) -> None:
         raise ConfigError([f"--storage: {problem}"])
 
 
+def check_writable(store: ResultsStore) -> None:
+    """Write and delete one small file in the storage, so that storage that is a file,
+    read-only, or an unreachable, missing or refusing bucket is refused now, not after Ray
+    started (where it failed with a traceback)."""
+    storage = store.root.rsplit("/", 1)[0]
+    probe = f"{storage}/.raysweep-write-check-{uuid.uuid4().hex}"
+    try:
+        with store.fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        store.fs.delete_file(probe)
+    except OSError as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:300]
+        raise ConfigError([f"--storage {store.storage}: cannot write there ({reason}); give a directory you can "
+                           "write, or for s3:// check the bucket, endpoint (AWS_ENDPOINT_URL) and credentials"]) from None
+
+
 def check_run_target(storage: str, name: str, resume: bool, command: str) -> ResultsStore:
     """All checks of where a run lands, before Ray starts; returns the run's store."""
     check_name(name)
     store = ResultsStore(storage, name)
+    local = isinstance(store.fs, pafs.LocalFileSystem)
+    if local and any(p.exists() and not p.is_dir() for p in (Path(store.storage), *Path(store.storage).parents)):
+        raise ConfigError([f"--storage {store.storage}: a file stands where a directory should; give a directory "
+                           "or a URI"])
     check_local_storage(store, resume)
     check_resume_rule(store, resume, command)
     make_private_dirs(store)
+    check_writable(store)
     return store

@@ -31,7 +31,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from cluster.auth import AUTH_MODE_ENV, Token, ensure_token, find_token, refused_message
-from cluster.cli import EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_OK, command
+from cluster.cli import EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_OK, command, non_negative_int
 from cluster.connect import ClusterError, _check_reachable
 from cluster.guard import check_name
 from trainers.configtools import ConfigError, shown
@@ -40,6 +40,8 @@ DEFAULT_JOB_ADDRESS = "http://127.0.0.1:8265"
 SUBMITTABLE = ("train", "tune")  # subcommands that make sense as a job
 LOG_TAIL_LINES = 30
 AGENT_WAIT_S = 90.0  # a just-started head accepts jobs once its job agent is up
+# After this long without an answer from the job server, waiting gives up (exit 2, said why).
+LOST_CONTACT_S = 120.0
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 # Left out of the working_dir upload (gitignore syntax, relative to it). `.rayignore`
@@ -116,8 +118,12 @@ class Jobs:
         with self.explained(job_id):
             return self.client.get_job_logs(job_id)
 
-    def follow(self, job_id: str, out=None) -> None:
-        """Print the job's logs as they come, until it ends."""
+    def follow(self, job_id: str, out=None) -> bool:
+        """Print the job's logs as they come, until it ends: True. False when the stream
+        broke first (a proxy without WebSockets, a dropped connection, a restarted
+        dashboard), said on stderr: the job may well still be running."""
+        import aiohttp
+
         out = out or sys.stdout
 
         async def tail():
@@ -128,16 +134,28 @@ class Jobs:
         with self.explained(job_id):
             try:
                 asyncio.run(tail())
-            except RuntimeError as e:  # the stream broke; the job may still be running
-                if "closed unexpectedly" not in str(e) and "WebSocket" not in str(e):
-                    raise
-                print(f"raysweep: log stream ended early ({e}); waiting for the job's status", file=sys.stderr)
+                return True
+            except (RuntimeError, OSError, asyncio.TimeoutError, aiohttp.ClientError) as e:
+                if isinstance(e, RuntimeError) and ("does not exist" in str(e) or "404" in str(e)):
+                    raise  # no such job: explained() says so
+                reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+                print(f"raysweep: the log stream of job {job_id} broke ({reason})", file=sys.stderr, flush=True)
+                return False
 
     def wait(self, job_id: str, timeout_s: float | None = None):
-        """Poll until the job is terminal (or the timeout passes); returns its info."""
+        """Poll until the job is terminal (or the timeout passes); returns its info. A
+        server that stops answering is asked again for up to ``LOST_CONTACT_S``."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        answered = time.monotonic()
         while True:
-            info = self.info(job_id)
+            try:
+                info = self.info(job_id)
+                answered = time.monotonic()
+            except ClusterError as e:
+                if time.monotonic() - answered > LOST_CONTACT_S or "no job" in str(e):
+                    raise
+                time.sleep(2.0)
+                continue
             if status_name(info) in TERMINAL or (deadline is not None and time.monotonic() > deadline):
                 return info
             time.sleep(0.5)
@@ -281,16 +299,21 @@ def _submit(args) -> int:
     if args.no_wait:
         return EXIT_OK
     try:
-        jobs.follow(job_id)
+        if not jobs.follow(job_id):
+            print(f"raysweep submit: waiting for job {job_id} to end, however long it runs, to exit with its "
+                  f"outcome (Ctrl-C stops waiting, not the job; raysweep jobs status {job_id} shows it)",
+                  file=sys.stderr, flush=True)
+        return report_outcome(jobs, job_id, spec.results)
     except KeyboardInterrupt:
         print(f"\nraysweep submit: stopped following; job {job_id} keeps running "
               f"(raysweep jobs stop {job_id} stops it)", file=sys.stderr)
         return 130
-    return report_outcome(jobs, job_id, spec.results)
 
 
 def report_outcome(jobs: Jobs, job_id: str, results: str | None) -> int:
-    info = jobs.wait(job_id, timeout_s=60)
+    """Wait for the job's end (no deadline: a job runs as long as it needs) and report it;
+    the exit code is the job's own where it is one of raysweep's (1 failed, 2 refused)."""
+    info = jobs.wait(job_id)
     status = status_name(info)
     if status == "SUCCEEDED":
         print(f"job         {job_id} SUCCEEDED" + (f"\nresults     raysweep results {results}" if results else ""))
@@ -314,7 +337,7 @@ def _jobs_arguments(p: argparse.ArgumentParser) -> None:
     logs = sub.add_parser("logs", parents=[common], help="a job's logs")
     logs.add_argument("job_id")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
-    logs.add_argument("--tail", type=int, default=0, help="only the last N lines")
+    logs.add_argument("--tail", type=non_negative_int, default=0, help="only the last N lines")
     sub.add_parser("stop", parents=[common], help="stop a job (its processes are terminated)").add_argument("job_id")
 
 
@@ -429,8 +452,8 @@ def _head_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dashboard-host", default=d.dashboard_host,
                    help="bind address of the dashboard and job server (default 127.0.0.1; anything else "
                         "exposes them, with a warning)")
-    p.add_argument("--num-cpus", type=int)
-    p.add_argument("--num-gpus", type=int)
+    p.add_argument("--num-cpus", type=non_negative_int)
+    p.add_argument("--num-gpus", type=non_negative_int)
     p.add_argument("--temp-dir")
     p.add_argument("extra", nargs=argparse.REMAINDER, metavar="-- RAY_START_ARGS",
                    help="further `ray start` arguments")

@@ -8,7 +8,7 @@ import sys
 
 import pyarrow as pa
 
-from cluster.cli import EXIT_BAD_REQUEST, EXIT_OK, command
+from cluster.cli import EXIT_BAD_REQUEST, EXIT_OK, command, non_negative_int
 from cluster.store import ResultsStore
 from trainers.config import EARLY_STOP_METRICS
 
@@ -24,7 +24,7 @@ def split_experiment(experiment: str) -> tuple[str, str]:
 
 def _arguments(p):
     p.add_argument("experiment", help="an experiment directory or URI, e.g. runs/tune-digits_cnn-... or s3://b/runs/x")
-    p.add_argument("--top", type=int, default=10, help="rows to show, best first (0 = all)")
+    p.add_argument("--top", type=non_negative_int, default=10, help="rows to show, best first (0 = all)")
     p.add_argument("--format", choices=FORMATS, default="table")
 
 
@@ -52,7 +52,7 @@ def run_metric(summary: dict) -> str:
 @command("results", "show a search's trials (trials.parquet) or a run's history, best first")(_arguments)
 def _results(args) -> int:
     storage, name = split_experiment(args.experiment)
-    store = ResultsStore(storage, name)
+    store = ResultsStore(storage, name, role="EXPERIMENT")
     trials = store.read_table("trials.parquet")
     if trials is None:
         history = store.read_table("history.parquet")

@@ -16,6 +16,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from trainers.configtools import reading
+from trainers.uris import open_location
+
 
 def resolve_storage(storage: str) -> str:
     """Local paths become absolute (Ray needs that); URIs pass through."""
@@ -27,9 +30,11 @@ def resolve_storage(storage: str) -> str:
 class ResultsStore:
     """Atomic reads and writes under one experiment directory."""
 
-    def __init__(self, storage: str, name: str):
+    def __init__(self, storage: str, name: str, role: str = "--storage"):
         self.storage, self.name = resolve_storage(storage), name
-        self.fs, root = pafs.FileSystem.from_uri(self.storage) if "://" in self.storage else (pafs.LocalFileSystem(), self.storage)
+        # open_location: an unknown scheme is a DataError naming ``role``, and S3 gives up
+        # on an unreachable endpoint in seconds, not minutes.
+        self.fs, root = open_location(self.storage, role) if "://" in self.storage else (pafs.LocalFileSystem(), self.storage)
         self.root = f"{root.rstrip('/')}/{name}"
         self._dir_made = False
 
@@ -50,8 +55,18 @@ class ResultsStore:
             self._dir_made = True
         final = self.path(relative)
         tmp = f"{self.root}/.{os.path.basename(relative)}.{uuid.uuid4().hex}.tmp"
-        write(tmp)
-        self.fs.move(tmp, final)
+        try:
+            write(tmp)
+            self.fs.move(tmp, final)
+        except BaseException:  # a full disk, a lost bucket, Ctrl-C: no half file stays behind
+            self._remove_quietly(tmp)
+            raise
+
+    def _remove_quietly(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
+        except OSError:  # never written, or storage gone: the original error is what matters
+            pass
 
     def write_table(self, relative: str, table: pa.Table) -> None:
         self._atomic(relative, lambda tmp: pq.write_table(table, tmp, filesystem=self.fs))
@@ -67,18 +82,26 @@ class ResultsStore:
         self.write_bytes(relative, (json.dumps(obj, indent=2, default=_jsonable) + "\n").encode())
 
     def exists(self, relative: str) -> bool:
-        return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
+        """Whether ``relative`` is there; a directory where a file belongs is an error."""
+        kind = self.fs.get_file_info(self.path(relative)).type
+        if kind == pafs.FileType.Directory:
+            raise IsADirectoryError(21, "is a directory, not a file", self.path(relative))
+        return kind != pafs.FileType.NotFound
 
     def read_table(self, relative: str) -> pa.Table | None:
-        if not self.exists(relative):
-            return None
-        return pq.read_table(self.path(relative), filesystem=self.fs)
+        """The table, None when the file is absent; ``FileReadError`` (exit 2) naming the
+        file when it cannot be read or is not Parquet."""
+        with reading(f"{self.uri}/{relative}"):
+            if not self.exists(relative):
+                return None
+            return pq.read_table(self.path(relative), filesystem=self.fs)
 
     def read_json(self, relative: str):
-        if not self.exists(relative):
-            return None
-        with self.fs.open_input_stream(self.path(relative)) as f:
-            return json.loads(f.read().decode())
+        with reading(f"{self.uri}/{relative}"):
+            if not self.exists(relative):
+                return None
+            with self.fs.open_input_stream(self.path(relative)) as f:
+                return json.loads(f.read().decode())
 
 
 def _jsonable(value):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from cluster.plots import training_curves
 from cluster.store import ResultsStore
 from trainers.checkpoints import evaluate_state, load_state
 from trainers.config import TrainRunConfig
+from trainers.configtools import ConfigError
+from trainers.configpaths import check_paths
 from trainers.data import ImageData
 from trainers.streaming import DECODE_CPUS, StreamPlan, build_dataset, load_for_training
 from trainers.distributed import Placement, best_checkpoint, checkpoint_uri, run_training
@@ -62,8 +65,24 @@ def evaluate_on_test(checkpoint: ray.train.Checkpoint, data_ref, use_gpu: bool) 
     return ray.get(task.remote(checkpoint, split, use_gpu))
 
 
+def check_placement(p: Placement, workers_flag: str = "--workers") -> None:
+    """What the CLI's flags check, for callers of the Python API too: Ray took 0 CPUs per
+    worker, and -1 crashed its raylet."""
+    problems = []
+    if not (isinstance(p.workers, int) and p.workers >= 1):
+        problems.append(f"{workers_flag}: {p.workers!r} must be a whole number >= 1")
+    if not (math.isfinite(p.cpus_per_worker) and p.cpus_per_worker > 0):
+        problems.append(f"--cpus-per-worker: {p.cpus_per_worker!r} must be a finite number > 0, e.g. 1")
+    if p.use_gpu and not (math.isfinite(p.gpus_per_worker) and 0 < p.gpus_per_worker <= 1):
+        problems.append(f"--gpus-per-worker: {p.gpus_per_worker!r} must lie in (0, 1]")
+    if problems:
+        raise ConfigError(problems)
+
+
 def run(req: TrainRequest, data: ImageData | None = None) -> dict:
     """Train, evaluate the best checkpoint on the test split, write the results; returns the summary."""
+    check_placement(req.placement)
+    check_paths([req.cfg])  # the files the config names: before Ray starts, like the rest
     store = check_run_target(req.storage, req.name, req.resume, "train")  # before Ray starts
     data = data or load_for_training(req.cfg)  # before Ray starts: data errors come first
     streamed = isinstance(data, StreamPlan)

@@ -8,16 +8,18 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from cluster.cli import EXIT_FAILED, EXIT_OK, add_common, add_config, command
+from cluster.cli import (EXIT_FAILED, EXIT_OK, add_common, add_config, command, non_negative_int, positive_float,
+                         positive_int)
 from cluster.connect import capacity, check_fits, connect
 from cluster.guard import check_run_target, safe_name_part
 from cluster.plots import importance, learning_curves, optimisation_history
 from cluster.store import ResultsStore
-from cluster.train_cmd import evaluate_on_test
+from cluster.train_cmd import check_placement, evaluate_on_test
 from cluster.tune_results import COMPLETED, EARLY_STOPPED, SearchResultsCallback
 from search_spaces.space import SearchSpace, load_space
 from search_spaces.tuner import SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, check_restorable, concurrency
 from trainers.config import load_run_values
+from trainers.configpaths import check_paths
 from trainers.configtools import ConfigError, merge
 from trainers.streaming import DECODE_CPUS, StreamPlan, load_for_training
 from trainers.distributed import Placement
@@ -43,19 +45,19 @@ def _arguments(p):
     add_config(p)
     add_common(p)
     d = SearchConfig()
-    p.add_argument("--trials", type=int, default=d.trials)
-    p.add_argument("--max-epochs", type=int, default=d.max_epochs)
-    p.add_argument("--workers-per-trial", type=int, default=1)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--trials", type=positive_int, default=d.trials)
+    p.add_argument("--max-epochs", type=positive_int, default=d.max_epochs)
+    p.add_argument("--workers-per-trial", type=positive_int, default=1)
+    p.add_argument("--cpus-per-worker", type=positive_float, default=1.0)
     p.add_argument("--gpu", action="store_true", help="GPUs for the workers")
-    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="fractions share a GPU, e.g. 0.5")
-    p.add_argument("--concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
+    p.add_argument("--gpus-per-worker", type=positive_float, default=1.0, help="fractions share a GPU, e.g. 0.5")
+    p.add_argument("--concurrent", type=positive_int, help="trials at once (default: as many as the cluster fits)")
     p.add_argument("--searcher", choices=SEARCHERS, default=d.searcher)
     p.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
-    p.add_argument("--grace-period", type=int, default=d.grace_period, help="ASHA: epochs before a trial can stop")
+    p.add_argument("--grace-period", type=positive_int, default=d.grace_period, help="ASHA: epochs before a trial can stop")
     p.add_argument("--reduction-factor", type=int, default=d.reduction_factor, help="ASHA: keep 1/r at each rung")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--trial-retries", type=int, default=d.trial_max_failures,
+    p.add_argument("--trial-retries", type=non_negative_int, default=d.trial_max_failures,
                    help="restarts of a trial that raised (from its last checkpoint) before it counts as failed")
 
 
@@ -86,7 +88,9 @@ def base_config(req: TuneRequest) -> dict:
 def run(req: TuneRequest) -> dict:
     """Run (or resume) the search; returns what best.json holds."""
     base = base_config(req)
+    check_placement(req.search.placement, "--workers-per-trial")
     probe = req.space.trial_config(base, req.space.default_point())  # config errors before Ray starts
+    check_paths([probe, *req.space.value_configs(base)])  # every bound and choice, with the user's settings
     store = check_run_target(req.storage, req.name, req.resume, "tune")
     if req.resume:
         check_restorable(store.uri)

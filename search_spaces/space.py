@@ -22,13 +22,14 @@ first point the searcher tries.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from trainers.config import EARLY_STOP_METRICS, TrainRunConfig
-from trainers.configtools import ConfigError, merge, set_path
+from trainers.configtools import ConfigError, merge, set_path, shown
 from trainers.registry import Registry
 from trainers.yamlfile import load_yaml_file
 
@@ -69,6 +70,15 @@ class Dimension:
             if not (self.type == "loguniform_or_zero" and self.default == 0):
                 out.append(f"{where}.default: {self.default!r} lies outside [{self.low}, {self.high}]")
         return out
+
+    def extremes(self) -> tuple:
+        """The values a search can reach at its edges: every choice, or low and high (and
+        0, the "off" of loguniform_or_zero)."""
+        if self.type == "categorical":
+            return self.choices
+        if self.type == "int":
+            return int(self.low), int(self.high)
+        return (0.0, self.low, self.high) if self.type == "loguniform_or_zero" else (self.low, self.high)
 
     def suggest(self, trial) -> Any:
         return DISTRIBUTIONS[self.type](self, trial)
@@ -136,6 +146,23 @@ class SearchSpace:
                 point[d.key] = d.default
         return point
 
+    def value_configs(self, user: dict) -> list[TrainRunConfig]:
+        """The config at every bound and choice of every dimension (the others at their
+        defaults, conditions met), each built through the config's own validation, so a
+        value the config refuses (lr 200, an unknown optimizer) is refused before the
+        search, not as a failed trial. Raises ``ConfigError`` listing every such value."""
+        base, configs, problems = self.default_point(), [], []
+        for d in self.dimensions:
+            for value in d.extremes():
+                point = {**base, **{k: allowed[0] for k, allowed in d.when.items()}, **_as_params(d, value)}
+                try:
+                    configs.append(self.trial_config(user, point))
+                except ConfigError as e:
+                    problems += [f"params.{d.key}: the value {shown(value)} gives {p}" for p in e.problems]
+        if problems:
+            raise ConfigError(dict.fromkeys(problems))
+        return configs
+
     def trial_config(self, user: dict, params: dict[str, Any]) -> TrainRunConfig:
         """One trial's validated config: defaults, then the space's fixed keys, then what the
         user set (``--config``/``--set``, as a nested dict, so ``--set data.root=...`` beats a
@@ -159,6 +186,13 @@ class _DefineByRun:
         for d in self.dimensions:
             if d.active(chosen):
                 chosen[d.key] = d.suggest(trial)
+
+
+def _as_params(d: Dimension, value: Any) -> dict[str, Any]:
+    """``value`` of ``d`` in Optuna's parameter names (``loguniform_or_zero`` has a switch)."""
+    if d.type != "loguniform_or_zero":
+        return {d.key: value}
+    return {f"{d.key}.{OFF}": True} if value == 0 else {f"{d.key}.{OFF}": False, d.key: value}
 
 
 def params_to_keys(params: dict[str, Any]) -> dict[str, Any]:
@@ -213,20 +247,34 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         problems.append(f"{source}: params is empty; give at least one dimension")
         params = {}
     for key, spec in params.items():
-        if (p := _target_problem(key, f"{source}: params.{key}")):
+        where = f"{source}: params.{key}"
+        if (p := _target_problem(key, where)):
             problems.append(p)
+        if key.startswith("data."):
+            problems.append(f"{where}: data settings cannot be searched: the data is loaded once, before the "
+                            f"search, so every trial would train on the same data; set it under fixed: or with "
+                            f"--set {key}=VALUE")
         if not isinstance(spec, dict):
-            problems.append(f"{source}: params.{key}: expected a mapping with type, low/high or choices")
+            problems.append(f"{where}: expected a mapping with type, low/high or choices")
             continue
         unknown = set(spec) - {"type", "low", "high", "choices", "default", "when"}
         if unknown:
-            problems.append(f"{source}: params.{key}: unknown field(s) {sorted(unknown)}")
-        when = {k: tuple(v if isinstance(v, list) else [v]) for k, v in (spec.get("when") or {}).items()}
-        for cond in when:
-            if cond not in params or (params[cond] or {}).get("type") != "categorical":
-                problems.append(f"{source}: params.{key}.when: {cond!r} must be a categorical dimension listed before it")
-        dim = Dimension(key=key, type=str(spec.get("type", "")), low=_num(spec.get("low")), high=_num(spec.get("high")),
-                        choices=tuple(spec.get("choices") or ()), default=spec.get("default"), when=when)
+            problems.append(f"{where}: unknown field(s) {sorted(unknown)}")
+        when, when_problems = _conditions(spec.get("when"), dims, where)
+        numbers = {f: _num(spec.get(f), f"{where}.{f}", problems) for f in ("low", "high")}
+        default = spec.get("default")
+        if spec.get("type") != "categorical":
+            default = _num(default, f"{where}.default", problems)
+        choices = spec.get("choices") or ()
+        if not isinstance(choices, (list, tuple)):
+            problems.append(f"{where}.choices: expected a list, got {shown(choices)}")
+            choices = ()
+        problems += when_problems
+        bad_number = any(numbers[f] is None and spec.get(f) is not None for f in numbers)
+        if when_problems or bad_number:
+            continue  # a bad number or condition is reported once, not again by the checks below
+        dim = Dimension(key=key, type=str(spec.get("type", "")), choices=tuple(choices), default=default,
+                        when=when, **numbers)
         problems += [f"{source}: {p}" for p in dim.problems()]
         dims.append(dim)
     if problems:
@@ -237,21 +285,59 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
     return space
 
 
-def _num(v):
-    if isinstance(v, str):
+def _num(v, where: str, problems: list[str]):
+    """A space's bound or default as a finite number (YAML reads ``1e-3`` as a string);
+    anything else is a problem naming the field, and None."""
+    if v is None:
+        return None
+    number = None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        number = v
+    elif isinstance(v, str):
         try:
-            return float(v)
+            number = float(v)
         except ValueError:
-            return v
-    return v
+            pass
+    if number is None or not math.isfinite(number):
+        problems.append(f"{where}: {shown(v)} is not a finite number; give one, e.g. 0.001")
+        return None
+    return number
+
+
+def _conditions(raw, before: list[Dimension], where: str) -> tuple[dict[str, tuple], list[str]]:
+    """A ``when:`` mapping, checked: each condition names a categorical dimension listed
+    before this one (Optuna samples in file order, so a later one is never there yet and
+    the dimension would silently never be sampled) and values among that one's choices."""
+    if raw is None:
+        return {}, []
+    if not isinstance(raw, dict):
+        return {}, [f"{where}.when: expected a mapping like {{optim.name: [momentum]}}, got {shown(raw)}"]
+    earlier = {d.key: d for d in before}
+    when, problems = {}, []
+    for cond, values in raw.items():
+        allowed = tuple(values if isinstance(values, list) else [values])
+        parent = earlier.get(cond)
+        if parent is None or parent.type != "categorical":
+            problems.append(f"{where}.when: {cond!r} must be a categorical dimension listed before it "
+                            f"(earlier categorical ones: {', '.join(d.key for d in before if d.type == 'categorical') or 'none'})")
+        elif (stray := [v for v in allowed if v not in parent.choices]):
+            problems.append(f"{where}.when: {cond}: {shown(stray)} are not among its choices {list(parent.choices)}, "
+                            "so this condition can never hold")
+        when[cond] = allowed
+    return when, problems
 
 
 def _check_default_config(space: SearchSpace, source: str) -> None:
-    """The fixed keys and the default point must make a valid train config."""
+    """The fixed keys and the default point must make a valid train config, and so must
+    every bound and choice (``SearchSpace.value_configs``)."""
     try:
         space.trial_config({}, space.default_point())
     except ConfigError as e:
         raise ConfigError([f"{source}: with its defaults: {p}" for p in e.problems]) from None
+    try:
+        space.value_configs({})
+    except ConfigError as e:
+        raise ConfigError([f"{source}: {p}" for p in e.problems]) from None
 
 
 def shipped_spaces() -> list[str]:

@@ -153,15 +153,6 @@ def test_submitted_job_succeeds_and_its_results_are_read_from_here(head, tmp_pat
     assert "results" in capsys.readouterr().out
 
 
-def test_a_failed_job_exits_non_zero_and_shows_the_end_of_its_logs(head, tmp_path, capsys):
-    code = main(["submit", "--address", head.address, "--name", "job-bad", "--",
-                 "train", "--set", "model.name=vgg", "--storage", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert code == 2  # the job's own exit code: its config was refused on the cluster
-    assert re.search(r"job raysweep-job-bad-\w+ FAILED", err) and "last 30 lines of its logs" in err
-    assert "model.name: 'vgg'" in err.split("last 30 lines")[1]
-
-
 def test_no_wait_then_stop_a_running_job(head, tmp_path, capsys):
     assert main(["submit", "--no-wait", "--address", head.address, "--name", "job-long", "--",
                  "train", "--workers", "1", "--set", "train.epochs=500", "--storage", str(tmp_path)]) == 0
@@ -198,6 +189,81 @@ def test_a_missing_or_wrong_token_gets_an_error_that_names_the_fix(head, tmp_pat
 def test_an_unknown_job_id_is_named(head, capsys):
     assert main(["jobs", "status", "raysweep-nope", "--address", head.address]) == 2
     assert "no job 'raysweep-nope'" in capsys.readouterr().err
+
+
+class LogStreamBreakingProxy:
+    """A TCP proxy in front of the job server that passes HTTP through but breaks the
+    job's log stream, as a proxy or network in between does: ``refuse`` closes a log-tail
+    connection before the WebSocket upgrade (a proxy without WebSocket support), ``cut``
+    passes the upgrade and drops the connection 0.5 s later (a dropped connection)."""
+
+    def __init__(self, target: str, mode: str):
+        import threading
+
+        self.target, self.mode = target.removeprefix("http://").split(":"), mode
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.broken = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket):
+        import threading
+
+        head = client.recv(65536)
+        if b"/logs/tail" in head.split(b"\r\n", 1)[0] and self.mode == "refuse":
+            self.broken += 1
+            client.close()
+            return
+        upstream = socket.create_connection((self.target[0], int(self.target[1])))
+        upstream.sendall(head)
+        pipes = [threading.Thread(target=_pipe, args=(a, b), daemon=True) for a, b in ((client, upstream), (upstream, client))]
+        for t in pipes:
+            t.start()
+        if b"/logs/tail" in head.split(b"\r\n", 1)[0]:
+            time.sleep(0.5)
+            self.broken += 1
+            for sock in (client, upstream):
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def close(self):
+        self.server.close()
+
+
+def _pipe(src: socket.socket, dst: socket.socket):
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+
+
+# One job per mode costs ~45 s here; "cut" (the stream dropped mid-way) passes too, run by
+# hand. This test also stands for the plain failed job (exit code and log tail).
+@pytest.mark.parametrize("mode", ["refuse"])
+def test_a_failed_job_behind_a_broken_log_stream_is_waited_for_and_its_exit_code_kept(head, tmp_path, capsys, mode):
+    proxy = LogStreamBreakingProxy(head.address, mode)
+    try:
+        code = main(["submit", "--address", proxy.address, "--name", f"job-stream-{mode}", "--",
+                     "train", "--set", "model.name=vgg", "--storage", str(tmp_path)])
+    finally:
+        proxy.close()
+    err = capsys.readouterr().err
+    assert proxy.broken >= 1  # the stream did break, here, on the way (aiohttp may retry a refused connect once)
+    assert "Traceback" not in err and re.search(rf"log stream of job raysweep-job-stream-{mode}-\w+ broke", err)
+    assert "waiting for job" in err and "Ctrl-C stops waiting, not the job" in err
+    assert code == 2 and re.search(rf"job raysweep-job-stream-{mode}-\w+ FAILED", err)  # the job's own exit code
+    assert "model.name: 'vgg'" in err.split("last 30 lines")[1]
 
 
 # ----------------------------------------------------------------------- no cluster needed

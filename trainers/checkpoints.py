@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from trainers.config import TrainRunConfig
+from trainers.configtools import FILE_ERRORS, clean_error, file_problem
 from trainers.data import Split
 from trainers.loop import Model, Normalizer, evaluate, reduce_validation, resolve_precision, split_batches
 from trainers.models import build_model
@@ -44,11 +45,18 @@ def load_state(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no raysweep checkpoint at {str(path)!r} (expected a directory with {STATE_FILE})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: refusing to load; it needs arbitrary unpickling, which could run code ({e})"
+            f"{path}: refusing to load; it needs arbitrary unpickling, which could run code ({clean_error(str(e))[:300]})"
         ) from None
+    except FILE_ERRORS as e:  # empty (EOFError), cut short (RuntimeError from the zip reader), unreadable
+        raise CheckpointError(f"{file_problem(path, e)} (is it a raysweep {STATE_FILE}? a copy may have been "
+                              "cut short; re-copy it or use another checkpoint)") from None
+    if not isinstance(state, dict) or not {"model", "meta"} <= set(state):
+        raise CheckpointError(f"{path}: not a raysweep checkpoint (expected a dict with 'model' and 'meta', "
+                              f"got {type(state).__name__}); give a checkpoint_*/ directory that raysweep saved")
+    return state
 
 
 def network_from_state(state: dict) -> tuple[torch.nn.Module, TrainRunConfig, dict]:

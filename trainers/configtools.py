@@ -7,8 +7,13 @@ Every problem is collected, not raised one at a time, so a user sees all of them
 from __future__ import annotations
 
 import dataclasses
+import math
+import pickle
+import re
+import zipfile
 import types
 import typing
+from contextlib import contextmanager
 from typing import Any, Iterable, Mapping
 
 
@@ -37,9 +42,66 @@ def _capped(problem: str, limit: int = PROBLEM_CHARS) -> str:
 class ConfigError(ValueError):
     """One or more invalid settings; ``problems`` names each field, value and fix."""
 
+    HEADER = "invalid configuration"
+
     def __init__(self, problems: Iterable[str]):
         self.problems = [_capped(str(p)) for p in problems]
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+        super().__init__(f"{self.HEADER}:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+# Where a library built from source tells where it raised: torchvision's
+# "decode_png, /__w/vision/.../decode_png.cpp:62, Internal error.", c10's "Exception raised
+# from f at /pytorch/c10/...:12 (most recent call first): frame #0 ...". Users need the
+# reason, not the build machine's paths.
+_SOURCE_AT = re.compile(r"\b\w+, /[^\s,]+\.(?:c|cc|cpp|cu|h|hpp):\d+, ")
+_RAISED_FROM = re.compile(r"\s*Exception raised from .*", re.DOTALL)
+_SOURCE_PATH = re.compile(r"\s*\(?/\S+\.(?:c|cc|cpp|cu|h|hpp):\d+\)?")
+
+
+def clean_error(text: str) -> str:
+    """An error's text without library build paths and C++ stack frames; the reason kept."""
+    text = _RAISED_FROM.sub("", _SOURCE_AT.sub("", str(text)))
+    return _SOURCE_PATH.sub("", text).strip()
+
+
+# What reading and parsing a file can raise: the OS (OSError), parsers of text, JSON,
+# Parquet and zip (ValueError: UnicodeDecodeError, JSONDecodeError, ArrowInvalid),
+# torch.load on a cut file (RuntimeError from its zip reader, EOFError when empty) and
+# pickle (UnpicklingError).
+FILE_ERRORS = (OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+class FileReadError(ConfigError):
+    """A file raysweep reads is missing, unreadable or not what it should be (exit 2)."""
+
+    HEADER = "a file cannot be used"
+
+
+def file_problem(path: Any, error: BaseException, role: str = "") -> str:
+    """``"ROLE PATH: cannot be read: REASON"`` for ``error`` raised while reading ``path``."""
+    if isinstance(error, FileNotFoundError):
+        reason = "no such file"
+    elif isinstance(error, IsADirectoryError):
+        reason = "is a directory, not a file"
+    elif isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+    elif isinstance(error, EOFError):
+        reason = "empty or cut short"
+    else:
+        reason = f"{type(error).__name__}: {' '.join(clean_error(str(error)).split())[:200]}"
+    return f"{role + ' ' if role else ''}{path}: cannot be read: {reason}"
+
+
+@contextmanager
+def reading(path: Any, role: str = ""):
+    """The one error boundary around reading and parsing a file: whatever goes wrong
+    becomes a ``FileReadError`` naming ``role`` (the option or table), the file and why."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except FILE_ERRORS as e:
+        raise FileReadError([file_problem(path, e, role)]) from None
 
 
 def _is_optional(hint) -> tuple[bool, Any]:
@@ -77,13 +139,12 @@ def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
             except ValueError:
                 pass
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _float_or_none(value)
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:  # nan and inf slip through every range check (nan < x is False)
+            problems.append(f"{where}: {shown(value)} is not a finite number; give a real value, e.g. 0.01")
+            return None
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -97,6 +158,17 @@ def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
         return value
     name = getattr(hint, "__name__", str(hint))
     problems.append(f"{where}: {shown(value)} is not a valid {name}")
+    return None
+
+
+def _float_or_none(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
     return None
 
 

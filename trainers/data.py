@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from trainers.config import DataConfig
+from trainers.configtools import clean_error
 from trainers.preprocess import resize, to_channels
 from trainers.registry import Registry
 
@@ -172,7 +173,7 @@ def decode_image(data: bytes, source: str) -> torch.Tensor:
     try:
         img = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
     except Exception as e:  # torchvision raises RuntimeError or ValueError by format
-        raise DataError(f"{source}: not a readable image ({type(e).__name__}: {e})") from None
+        raise DataError(f"{source}: not a readable image ({type(e).__name__}: {clean_error(str(e))})") from None
     return img
 
 

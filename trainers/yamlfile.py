@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from trainers.configtools import ConfigError
+from trainers.configtools import ConfigError, FileReadError, file_problem
 
 MAX_YAML_BYTES = 1 << 20  # 1 MiB
 
@@ -60,14 +60,14 @@ def load_yaml_file(path: str | Path, option: str) -> Any:
         with open(path, "rb") as f:
             raw = f.read(MAX_YAML_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError([f"{option}: no file at {str(path)!r}; check the path"]) from None
+        raise FileReadError([f"{option}: no file at {str(path)!r}; check the path"]) from None
     except OSError as e:
-        raise ConfigError([f"{source}: cannot be read ({e.strerror or e})"]) from None
+        raise FileReadError([file_problem(path, e, option)]) from None
     if len(raw) > MAX_YAML_BYTES:
-        raise ConfigError([f"{source}: larger than {MAX_YAML_BYTES} bytes; a raysweep YAML file is a few "
-                           "kilobytes, so give the right file"])
+        raise FileReadError([f"{source}: larger than {MAX_YAML_BYTES} bytes; a raysweep YAML file is a few "
+                             "kilobytes, so give the right file"])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError([f"{source}: not UTF-8 text (byte {e.start}); give a YAML file"]) from None
+        raise FileReadError([f"{source}: not UTF-8 text (byte {e.start}); give a YAML file"]) from None
     return load_yaml_text(text, source)

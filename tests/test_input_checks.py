@@ -1,0 +1,284 @@
+"""Bad input is refused before Ray starts, with exit 2 and a message naming what to fix,
+never a traceback (issue 22). Plain functions: no Ray starts here; a tripwire on
+``connect`` fails any test whose request would have reached Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import typing
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cluster import cli
+from cluster.guard import check_run_target
+from cluster.store import ResultsStore
+from search_spaces.space import parse_space
+from trainers import config as config_module
+from trainers.checkpoints import CheckpointError, load_state
+from trainers.configtools import ConfigError, clean_error
+from trainers.data import DataError, decode_image
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail at once where a command would start or join Ray: every check here must come first."""
+    def tripwire(*args, **kwargs):
+        raise AssertionError("the request reached Ray; it should have been refused before")
+
+    for module in ("cluster.train_cmd", "cluster.tune_cmd"):
+        monkeypatch.setattr(f"{module}.connect", tripwire)
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+# -- numbers ---------------------------------------------------------------------------
+
+def _float_fields(cls=config_module.TrainRunConfig, prefix=""):
+    """Every float field of every config section, as dotted keys (the class of the bug)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _float_fields(hint, f"{prefix}{f.name}.")
+        elif float in (hint, *typing.get_args(hint)):
+            yield f"{prefix}{f.name}"
+
+
+FLOAT_KEYS = list(_float_fields())
+
+
+def test_every_float_field_is_found():
+    assert {"optim.lr", "optim.weight_decay", "model.dropout", "optim.momentum", "loss.label_smoothing",
+            "train.early_stopping.min_delta"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", float("nan"), math.inf])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_non_finite_floats_are_refused(key, raw):
+    with pytest.raises(ConfigError) as e:
+        config_module.load_run_config(None, [f"{key}={raw}"])
+    assert any(p.startswith(f"{key}:") and "finite" in p for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--cpus-per-worker", "0"], ["train", "--cpus-per-worker", "-1"], ["train", "--cpus-per-worker", "nan"],
+    ["train", "--workers", "0"],
+    ["tune", "--space", "digits_cnn", "--cpus-per-worker", "0"], ["tune", "--space", "digits_cnn", "--gpus-per-worker", "-1"],
+    ["tune", "--space", "digits_cnn", "--trials", "0"], ["tune", "--space", "digits_cnn", "--cpus-per-worker", "inf"],
+    ["jobs", "logs", "x", "--tail", "-3"], ["head", "--num-cpus", "-1"], ["results", "runs/x", "--top", "-1"],
+])
+def test_resource_flags_must_be_positive_finite(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert argv[-2] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("placement", [dict(cpus_per_worker=0.0), dict(cpus_per_worker=-1.0),
+                                       dict(cpus_per_worker=math.nan), dict(workers=0),
+                                       dict(use_gpu=True, gpus_per_worker=2.0)])
+def test_the_python_api_checks_the_placement_too(tmp_path, no_ray, placement):
+    from cluster import train_cmd
+    from trainers.distributed import Placement
+
+    req = train_cmd.TrainRequest(config_module.TrainRunConfig(), Placement(**placement), str(tmp_path), "r")
+    with pytest.raises(ConfigError, match="must"):
+        train_cmd.run(req)
+
+
+# -- storage ---------------------------------------------------------------------------
+
+def test_storage_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for storage in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(ConfigError, match="a file stands where a directory should"):
+            check_run_target(str(storage), "run", False, "train")
+
+
+def test_read_only_storage_is_refused():
+    # /proc is read-only for everyone, root included (chmod does not stop root).
+    with pytest.raises(ConfigError, match="--storage /proc: cannot write there"):
+        check_run_target("/proc", "run", False, "train")
+
+
+def test_s3_storage_without_its_bucket_is_refused(s3_server):
+    with pytest.raises(ConfigError, match="--storage s3://no-such-bucket/runs: cannot write there"):
+        check_run_target("s3://no-such-bucket/runs", "run", False, "train")
+
+
+def test_s3_storage_that_works_is_accepted(s3_server):
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="raysweep-runs")
+    store = check_run_target("s3://raysweep-runs/runs", "run", False, "train")
+    assert store.read_table("trials.parquet") is None  # nothing left behind by the write check
+
+
+def test_unreachable_s3_endpoint_is_refused_in_seconds(monkeypatch, capsys, tmp_path, no_ray):
+    for key, value in {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
+                       "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(key, value)
+    started = time.monotonic()
+    code, err = run_cli(["train", "--storage", "s3://bucket/runs", "--name", "r"], capsys)
+    assert code == 2 and "--storage s3://bucket/runs" in err
+    assert time.monotonic() - started < 30  # short S3 timeouts (trainers/uris.py), not minutes of retries
+
+
+def test_unknown_storage_scheme_is_refused(capsys, no_ray):
+    code, err = run_cli(["train", "--storage", "nosuch://bucket/runs", "--name", "r"], capsys)
+    assert code == 2 and "--storage 'nosuch://bucket/runs'" in err
+
+
+# -- search spaces ---------------------------------------------------------------------
+
+BAD_SPACES = {
+    "unknown optimizer among the choices": (
+        {"optim.name": {"type": "categorical", "choices": ["adam", "nadamx"]}}, "params.optim.name: the value 'nadamx'"),
+    "lr bound beyond the config's": (
+        {"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 200}}, "params.optim.lr: the value 200"),
+    "int bound beyond the config's": (
+        {"augment.crop_padding": {"type": "int", "low": 0, "high": 100}}, "params.augment.crop_padding: the value 100"),
+    "data dimension": ({"data.val_fraction": {"type": "uniform", "low": 0.1, "high": 0.2}}, "data settings cannot be searched"),
+    "condition on a later dimension": (
+        {"optim.momentum": {"type": "uniform", "low": 0.8, "high": 0.9, "when": {"optim.name": ["momentum"]}},
+         "optim.name": {"type": "categorical", "choices": ["adam", "momentum"]}}, "must be a categorical dimension listed before it"),
+    "condition that can never hold": (
+        {"optim.name": {"type": "categorical", "choices": ["adam", "momentum"]},
+         "optim.momentum": {"type": "uniform", "low": 0.8, "high": 0.9, "when": {"optim.name": ["sgd"]}}},
+        "can never hold"),
+    "text as a bound": ({"optim.lr": {"type": "loguniform", "low": "abc", "high": 0.1}}, "params.optim.lr.low: 'abc'"),
+    "text as a default": ({"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 0.1, "default": "x"}},
+                          "params.optim.lr.default: 'x'"),
+    "nan as a bound": ({"model.dropout": {"type": "uniform", "low": float("nan"), "high": 0.5}}, "params.model.dropout.low"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SPACES)
+def test_bad_search_values_are_refused(case):
+    params, expected = BAD_SPACES[case]
+    with pytest.raises(ConfigError) as e:
+        parse_space({"name": "s", "params": params}, "s.yaml")
+    assert any(expected in p for p in e.value.problems), e.value.problems
+
+
+def test_space_values_are_checked_with_the_users_settings(tmp_path, capsys, no_ray):
+    space = tmp_path / "s.yaml"
+    space.write_text("params:\n  model.pretrained: {type: categorical, choices: [" + str(tmp_path / "none.pth") + "]}\n")
+    code, err = run_cli(["tune", "--space", str(space), "--storage", str(tmp_path / "runs")], capsys)
+    assert code == 2 and "model.pretrained" in err and "none.pth" in err
+
+
+# -- files raysweep reads --------------------------------------------------------------
+
+def _bad_files(tmp_path):
+    """(argv, the text the message must hold) for each kind of bad file."""
+    (tmp_path / "latin1.yaml").write_bytes(b"optim:\n  name: caf\xe9\n")
+    (tmp_path / "a_dir").mkdir()
+    exp = tmp_path / "runs" / "exp"
+    exp.mkdir(parents=True)
+    (exp / "trials.parquet").write_bytes(b"PAR1 not really parquet")
+    exp2 = tmp_path / "runs" / "exp2"
+    exp2.mkdir()
+    pq.write_table(pa.table({"trial_id": ["a"], "best_val_accuracy": [0.5]}), exp2 / "trials.parquet")
+    (exp2 / "best.json").write_text("{not json")
+    exp3 = tmp_path / "runs" / "exp3"
+    (exp3 / "trials.parquet").mkdir(parents=True)  # read as an empty data set, shown as no rows, exit 0
+    empty, cut = tmp_path / "empty", tmp_path / "cut"
+    empty.mkdir()
+    cut.mkdir()
+    (empty / "state.pt").write_bytes(b"")
+    import torch
+
+    torch.save({"model": {"w": torch.zeros(100)}, "meta": {}}, cut / "state.pt")
+    (cut / "state.pt").write_bytes((cut / "state.pt").read_bytes()[:300])
+    return {
+        "non-UTF-8 config": (["train", "--config", str(tmp_path / "latin1.yaml")], "not UTF-8"),
+        "directory as config": (["train", "--config", str(tmp_path / "a_dir")], "a_dir"),
+        "directory as space": (["tune", "--space", str(tmp_path / "a_dir")], "a_dir"),
+        "non-UTF-8 space": (["tune", "--space", str(tmp_path / "latin1.yaml")], "not UTF-8"),
+        "corrupt trials.parquet": (["results", str(exp)], f"{exp}/trials.parquet: cannot be read"),
+        "corrupt best.json": (["results", str(exp2)], f"{exp2}/best.json: cannot be read"),
+        "directory as trials.parquet": (["results", str(exp3)], f"{exp3}/trials.parquet: cannot be read: is a directory"),
+        "unknown URI scheme for results": (["results", "nosuch://bucket/runs/x"], "nosuch://bucket/runs"),
+        "empty state.pt": (["export", "--checkpoint", str(empty), "--out", str(tmp_path / "m.pt")],
+                           f"{empty}/state.pt: cannot be read"),
+        "truncated state.pt": (["export", "--checkpoint", str(cut), "--out", str(tmp_path / "m.pt")],
+                               f"{cut}/state.pt: cannot be read"),
+    }
+
+
+BAD_FILE_CASES = ["non-UTF-8 config", "directory as config", "directory as space", "non-UTF-8 space",
+                  "corrupt trials.parquet", "corrupt best.json", "directory as trials.parquet", "unknown URI scheme for results",
+                  "empty state.pt", "truncated state.pt"]
+
+
+@pytest.mark.parametrize("case", BAD_FILE_CASES)
+def test_bad_files_give_exit_2_naming_the_file(case, tmp_path, capsys, no_ray):
+    argv, expected = _bad_files(tmp_path)[case]
+    code, err = run_cli(argv + (["--storage", str(tmp_path / "runs")] if argv[0] in ("train", "tune") else []), capsys)
+    assert code == 2, err
+    assert expected in err
+    if case != "directory as space":  # that one is a bad argument (neither a file nor a shipped space)
+        assert "invalid configuration" not in err  # a file's problem is not called a config's
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", b"\x80\x02garbage"])
+def test_load_state_names_the_file_whatever_is_wrong(tmp_path, content):
+    (tmp_path / "state.pt").write_bytes(content)
+    with pytest.raises(CheckpointError, match=str(tmp_path / "state.pt")):
+        load_state(tmp_path)
+
+
+@pytest.mark.parametrize("weights, reason", [(None, "no such file"), (b"", "cannot be read"),
+                                             (b"PK\x03\x04 cut short", "cannot be read")])
+def test_missing_or_broken_pretrained_weights_are_refused_before_ray(tmp_path, capsys, no_ray, weights, reason):
+    if weights is not None:
+        (tmp_path / "w.pth").write_bytes(weights)
+    code, err = run_cli(["train", "--set", "model.name=resnet50", "--set", f"model.pretrained={tmp_path}/w.pth",
+                         "--storage", str(tmp_path / "runs")], capsys)
+    assert code == 2 and f"model.pretrained '{tmp_path}/w.pth'" in err and reason in err
+    assert not (tmp_path / "runs").exists()  # refused before anything was made
+
+
+def test_readable_pretrained_weights_pass_the_check(tmp_path):
+    import torch
+
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "w.pth")
+    cfg = config_module.load_run_config(None, [f"model.pretrained={tmp_path}/w.pth"])
+    from trainers.configpaths import path_problems
+
+    assert path_problems(cfg) == []
+
+
+# -- the store's temporary files -------------------------------------------------------
+
+def test_failed_atomic_write_leaves_no_temporary_file(tmp_path):
+    store = ResultsStore(str(tmp_path), "run")
+    (tmp_path / "run" / "summary.json" / "x").mkdir(parents=True)  # a directory where the file goes: rename fails
+    with pytest.raises(OSError):
+        store.write_json("summary.json", {"a": 1})
+    with pytest.raises(OSError):
+        store.write_table("summary.json", pa.table({"a": [1]}))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["summary.json"]
+
+
+# -- error text ------------------------------------------------------------------------
+
+def test_library_build_paths_are_dropped_from_errors():
+    with pytest.raises(DataError) as e:
+        decode_image(b"not an image at all", "/data/cat.png")
+    text = str(e.value)
+    assert text.startswith("/data/cat.png: not a readable image") and "Unsupported image file" in text
+    assert "/__w/" not in text and ".cpp" not in text
+    assert clean_error("boom\nException raised from f at /pytorch/c10/x.cpp:12 (most recent call first):\n"
+                       "frame #0: c10::Error") == "boom"
