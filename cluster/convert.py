@@ -17,7 +17,6 @@ with the same rows. A re-run with other options or a changed source is refused.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.cli import EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_OK, add_common, command
+from cluster.cli import EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_OK, add_common, command, positive_float
 from cluster.predict_inputs import UNKNOWN_CLASSES, Inputs, load_checkpoint, plan_inputs
 from cluster.predict_report import (PredictError, confusion_png, format_report, output_schema, side_file,
                                     write_predictions)
@@ -227,7 +227,7 @@ def _predict_arguments(p) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--gpu", action="store_true", help="one GPU per model actor; refused where there is none")
     p.add_argument("--actors", type=int, help="model actors in the pool (default: one per GPU, else half the CPUs)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--cpus-per-actor", type=positive_float, default=1.0)
     p.add_argument("--precision", choices=PRECISIONS,
                    help="autocast precision (default: the checkpoint's train.precision, as its test evaluation used)")
     p.add_argument("--unknown-classes", choices=UNKNOWN_CLASSES, default=UNKNOWN_CLASSES[0],

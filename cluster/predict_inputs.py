@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from trainers.checkpoints import STATE_FILE, load_state
+from trainers.configtools import reading
 from trainers.data import DATASETS, IMAGE_SUFFIXES, DataError, decode_classes, load_data
 from trainers.inference import InferenceError, check_state
 from trainers.predict_readers import NO_LABEL, SKIP_LABEL, list_images, row_groups
@@ -53,7 +54,7 @@ def resolve_checkpoint(spec: str) -> tuple[str, str]:
     for name, what in (("best.json", "the tune experiment's best trial"), ("summary.json", "the train run's best checkpoint")):
         if fs.get_file_info(f"{path}/{name}").type != pafs.FileType.File:
             continue
-        with fs.open_input_stream(f"{path}/{name}") as f:
+        with reading(f"{path}/{name}", "--checkpoint"), fs.open_input_stream(f"{path}/{name}") as f:
             record = json.loads(f.read())
         ckpt = record.get("checkpoint")
         if not ckpt:

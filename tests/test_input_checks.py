@@ -214,12 +214,14 @@ def _bad_files(tmp_path):
                            f"{empty}/state.pt: cannot be read"),
         "truncated state.pt": (["export", "--checkpoint", str(cut), "--out", str(tmp_path / "m.pt")],
                                f"{cut}/state.pt: cannot be read"),
+        "corrupt best.json behind --checkpoint": (["predict", "--checkpoint", str(exp2), "--data", "digits",
+                                                    "--out", str(tmp_path / "p.parquet")], f"{exp2}/best.json"),
     }
 
 
 BAD_FILE_CASES = ["non-UTF-8 config", "directory as config", "directory as space", "non-UTF-8 space",
                   "corrupt trials.parquet", "corrupt best.json", "directory as trials.parquet", "unknown URI scheme for results",
-                  "empty state.pt", "truncated state.pt"]
+                  "empty state.pt", "truncated state.pt", "corrupt best.json behind --checkpoint"]
 
 
 @pytest.mark.parametrize("case", BAD_FILE_CASES)

@@ -22,7 +22,7 @@ import math
 import os
 import zlib
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -33,6 +33,9 @@ from trainers.data import IMAGE_SUFFIXES, DataError, channel_stats, decode_class
 from trainers.preprocess import resize
 from trainers.uris import file_info, open_location
 from trainers.uris import short as _short
+
+if TYPE_CHECKING:
+    from trainers.data import ImageData
 
 # ``auto`` streams a set whose decoded training images exceed this, or a tenth of the
 # machine's memory, whichever is less: decoded sets below it train faster from memory.
