@@ -16,7 +16,7 @@ from cluster.plots import training_curves
 from cluster.store import ResultsStore
 from trainers.checkpoints import evaluate_state, load_state
 from trainers.config import TrainRunConfig
-from trainers.configtools import ConfigError
+from trainers.configtools import ConfigError, clean_error
 from trainers.configpaths import check_paths
 from trainers.data import ImageData
 from trainers.streaming import DECODE_CPUS, StreamPlan, build_dataset, load_for_training
@@ -98,7 +98,7 @@ def run(req: TrainRequest, data: ImageData | None = None) -> dict:
         result = run_training(req.cfg, data_ref, req.placement, store.storage, req.name,
                               callbacks=[TrainHistoryCallback(store.storage, req.name)])
     except ray.train.TrainingFailedError as e:
-        summary.update(status=FAILED, error=f"{type(e).__name__}: {e}")
+        summary.update(status=FAILED, error=f"{type(e).__name__}: {clean_error(str(e))}")
         _finish(store, summary, started)
         return summary
     history = store.read_table("history.parquet")

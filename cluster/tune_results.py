@@ -21,6 +21,7 @@ from search_spaces.space import SearchSpace
 from search_spaces.tuner import CHECKPOINT_PATH_KEY
 from trainers.distributed import checkpoint_uri
 from trainers.config import EARLY_STOP_METRICS
+from trainers.configtools import clean_error
 from trainers.loop import STOP_DIVERGED, STOP_EARLY
 
 COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, RUNNING = "completed", "early_stopped", "diverged", "failed", "running"
@@ -251,5 +252,7 @@ def _short(v) -> str:
 
 
 def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
+    """A failed trial's reason for its table cell: the traceback's last line, without
+    library build paths."""
+    lines = [line for line in clean_error(text).strip().splitlines() if line.strip()]
     return lines[-1][-500:] if lines else text

@@ -113,3 +113,13 @@ def test_results_of_a_train_run_rank_epochs_best_first_by_its_metric(tmp_path, c
     trials = rows_to_table([{"epoch": 1, "val_loss": 0.4}, {"epoch": 2, "val_loss": 0.2}, {"epoch": 3}], HISTORY_SCHEMA)
     assert [r["epoch"] for r in ranked(trials, "val_loss", "min")] == [2, 1, 3]
     assert [r["epoch"] for r in ranked(trials, "val_loss", "max")] == [1, 2, 3]
+
+
+def test_a_failed_trials_error_cell_keeps_the_reason_without_build_paths():
+    from cluster.tune_results import _last_line
+
+    trace = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+             "RuntimeError: [/__w/vision/vision/torchvision/csrc/io/image/cpu/decode_jpeg.cpp:123] "
+             "Unsupported marker type 0xff")
+    cell = _last_line(trace)
+    assert "Unsupported marker type" in cell and "/__w/" not in cell
