@@ -381,7 +381,9 @@ def _jobs(args) -> int:
     if args.action == "logs":
         if args.follow:
             try:
-                jobs.follow(job_id)
+                if not jobs.follow(job_id):  # the stream broke before the job ended: not followed to its end
+                    print(f"raysweep jobs: raysweep jobs status {job_id} tells how the job stands", file=sys.stderr)
+                    return EXIT_FAILED
             except KeyboardInterrupt:
                 return 130
             return EXIT_OK

@@ -256,9 +256,15 @@ def test_a_failed_job_behind_a_broken_log_stream_is_waited_for_and_its_exit_code
     try:
         code = main(["submit", "--address", proxy.address, "--name", f"job-stream-{mode}", "--",
                      "train", "--set", "model.name=vgg", "--storage", str(tmp_path)])
+        captured = capsys.readouterr()
+        job_id = re.search(r"submitted\s+(\S+)", captured.out).group(1)
+        # `jobs logs --follow` through the same proxy: a broken stream is not a success.
+        follow_code = main(["jobs", "logs", job_id, "--follow", "--address", proxy.address])
+        follow_err = capsys.readouterr().err
     finally:
         proxy.close()
-    err = capsys.readouterr().err
+    assert follow_code == 1 and "broke" in follow_err and "jobs status" in follow_err
+    err = captured.err
     assert proxy.broken >= 1  # the stream did break, here, on the way (aiohttp may retry a refused connect once)
     assert "Traceback" not in err and re.search(rf"log stream of job raysweep-job-stream-{mode}-\w+ broke", err)
     assert "waiting for job" in err and "Ctrl-C stops waiting, not the job" in err
