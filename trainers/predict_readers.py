@@ -154,12 +154,16 @@ def decode_rows(batch: dict, spec: DecodeSpec) -> dict:
         except DataError as e:
             errors[i] = str(e)
             continue
-        problem = _fit_problem(img, spec)
-        if problem:
-            errors[i] = f"{source}: {problem}"
-        else:
-            images[i] = img.numpy()
+        _place(img, i, source, spec, images, errors)
     return {"id": batch["id"], "label": batch["label"], "image": images, "error": _objects(errors)}
+
+
+def _place(img: torch.Tensor, i: int, source, spec: DecodeSpec, images: np.ndarray, errors: list[str]) -> None:
+    """Row ``i`` gets the image, or the reason it does not fit the model."""
+    if problem := _fit_problem(img, spec):
+        errors[i] = f"{source}: {problem}"
+    else:
+        images[i] = img.numpy()
 
 
 def conform_rows(batch: dict, spec: DecodeSpec) -> dict:
@@ -171,12 +175,8 @@ def conform_rows(batch: dict, spec: DecodeSpec) -> dict:
     images = np.zeros((len(batch["id"]), *spec.shape), dtype=np.uint8)
     errors = [""] * len(batch["id"])
     for i, (source, pixels) in enumerate(zip(batch["id"], batch["image"])):
-        img = torch.from_numpy(np.ascontiguousarray(pixels))
+        img = torch.from_numpy(np.array(pixels))  # a writable copy: Ray Data's arrays are read-only
         if spec.size and tuple(img.shape) != spec.shape:
             img = resize(to_channels(img, spec.channels), spec.size)
-        problem = _fit_problem(img, spec)
-        if problem:
-            errors[i] = f"{source}: {problem}"
-        else:
-            images[i] = img.numpy()
+        _place(img, i, source, spec, images, errors)
     return {"id": batch["id"], "label": batch["label"], "image": images, "error": _objects(errors)}
