@@ -166,12 +166,15 @@ def _cifar10(cfg: DataConfig):
     return train, test, list(sets[0].classes)
 
 
-def decode_image(data: bytes, source: str) -> torch.Tensor:
-    """Encoded bytes -> uint8 (C, H, W); the error names ``source`` when they do not decode."""
+def decode_image(data: bytes, source: str, channels: int | None = None) -> torch.Tensor:
+    """Encoded bytes -> uint8 (C, H, W): ``channels`` 3 or 1 converts grey/RGB/alpha, None
+    keeps the file's own. The error names ``source`` when they do not decode. The one
+    decoder of in-memory sets, streamed sets and predict."""
     from torchvision.io import ImageReadMode, decode_image as tv_decode
 
+    mode = {3: ImageReadMode.RGB, 1: ImageReadMode.GRAY}.get(channels, ImageReadMode.UNCHANGED)
     try:
-        img = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+        img = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
     except Exception as e:  # torchvision raises RuntimeError or ValueError by format
         raise DataError(f"{source}: not a readable image ({type(e).__name__}: {clean_error(str(e))})") from None
     return img

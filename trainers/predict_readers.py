@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from trainers.data import IMAGE_SUFFIXES, DataError
+from trainers.data import IMAGE_SUFFIXES, DataError, decode_image
 from trainers.preprocess import resize
-from trainers.streaming import DecodeSpec, decode, prepare
+from trainers.streaming import DecodeSpec, prepare
 from trainers.uris import file_info, open_location
 from trainers.uris import short as _short
 
@@ -150,7 +150,7 @@ def decode_rows(batch: dict, spec: DecodeSpec) -> dict:
         if errors[i]:
             continue
         try:
-            img = prepare(bytes(blob), spec, str(source)) if spec.size else decode(bytes(blob), None, str(source))
+            img = prepare(bytes(blob), spec, str(source)) if spec.size else decode_image(bytes(blob), str(source))
         except DataError as e:
             errors[i] = str(e)
             continue

@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import torch
 
 from trainers.config import DataConfig
-from trainers.data import IMAGE_SUFFIXES, DataError, channel_stats, decode_classes
+from trainers.data import IMAGE_SUFFIXES, DataError, channel_stats, decode_classes, decode_image
 from trainers.preprocess import resize
 from trainers.uris import file_info, open_location
 from trainers.uris import short as _short
@@ -153,20 +153,8 @@ def split_band(data: bytes, seed: int) -> float:
     return zlib.crc32(data, seed & 0xFFFFFFFF) / 2**32
 
 
-def decode(data: bytes, channels: int | None, source: str) -> torch.Tensor:
-    """Encoded bytes -> uint8 (channels, H, W), converting grey/RGB/alpha as needed;
-    ``channels`` None keeps the file's own channels."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    mode = {3: ImageReadMode.RGB, 1: ImageReadMode.GRAY}.get(channels, ImageReadMode.UNCHANGED)
-    try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
-    except Exception as e:  # torchvision raises RuntimeError or ValueError by format
-        raise DataError(f"{source}: not a readable image ({type(e).__name__}: {_short(e, 120)})") from None
-
-
 def prepare(data: bytes, spec: DecodeSpec, source: str) -> torch.Tensor:
-    img = decode(data, spec.channels, source)
+    img = decode_image(data, source, spec.channels)
     if spec.size is not None:
         img = resize(img, spec.size, spec.train_crop)
     if tuple(img.shape) != spec.shape:
@@ -281,10 +269,10 @@ def plan_stream(cfg: DataConfig) -> StreamPlan:
                         "(raysweep data convert makes Parquet shards), or set data.streaming=false")
     train, test, classes = _sources(cfg)
     blobs = _sample_blobs(train, SAMPLE_IMAGES)
-    raw = [decode(b, 3, src) for b, src in blobs[:64]]
+    raw = [decode_image(b, src, 3) for b, src in blobs[:64]]
     channels = 1 if all(_is_grey(img) for img in raw) else 3
     size = cfg.resize_hw
-    first = decode(blobs[0][0], channels, blobs[0][1])
+    first = decode_image(blobs[0][0], blobs[0][1], channels)
     shape = (channels, *(size or tuple(first.shape[-2:])))
     eval_spec = DecodeSpec(channels, size, shape, None, (0.0, 1.0), cfg.seed, classes=tuple(classes))
     sample = torch.stack([prepare(b, eval_spec, src) for b, src in blobs])
@@ -338,7 +326,7 @@ def estimate_decoded_bytes(cfg: DataConfig) -> int | None:
     blobs = _sample_blobs(train, 8)
     if not blobs:
         return None
-    img = decode(blobs[0][0], 3, blobs[0][1])
+    img = decode_image(blobs[0][0], blobs[0][1], 3)
     h, w = cfg.resize_hw or tuple(img.shape[-2:])
     return train.rows * 3 * h * w
 
