@@ -123,3 +123,13 @@ def test_a_file_that_would_run_code_is_never_unpickled(tmp_path):
     with pytest.raises(ModelError, match="is not a weights-only torch file"):
         build_model(ModelConfig(pretrained=str(planted)), 3, 12, 4)
     assert not marker.exists()
+
+
+def test_a_relative_pretrained_path_is_made_absolute_on_the_driver(tmp_path, monkeypatch):
+    # Ray Train runs its workers in a directory of its own: a relative path would name nothing there.
+    from trainers.config import load_run_config
+
+    monkeypatch.chdir(tmp_path)
+    for given, expected in (("runs/pretrain", str(tmp_path / "runs" / "pretrain")), ("imagenet", "imagenet"),
+                            ("s3://bucket/runs/x", "s3://bucket/runs/x")):
+        assert load_run_config(None, [f"model.pretrained={given}"]).model.pretrained == expected

@@ -350,6 +350,10 @@ def load_run_values(path: str | None = None, overrides: tuple[str, ...] | list[s
             problems += e.problems
             continue
         set_path(values, key, value)
+    if isinstance(values.get("model"), dict) and isinstance(values["model"].get("pretrained"), str):
+        from trainers.transfer import absolute_location  # workers run in another directory
+
+        values["model"]["pretrained"] = absolute_location(values["model"]["pretrained"])
     try:
         TrainRunConfig.from_dict(values)
     except ConfigError as e:

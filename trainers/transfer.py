@@ -45,6 +45,14 @@ class Pretrained:
     where: str
 
 
+def absolute_location(spec: str) -> str:
+    """A relative local ``model.pretrained`` made absolute, on the driver: Ray Train starts
+    its workers in a directory of its own, where a relative path would name nothing."""
+    if spec == "imagenet" or "://" in spec:
+        return spec
+    return str(Path(spec).expanduser().absolute())
+
+
 def imagenet_weights() -> Path:
     """torchvision's ResNet-50 file in the torch hub cache, where
     ``torchvision.models.resnet50(weights='DEFAULT')`` leaves it."""
