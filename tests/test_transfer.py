@@ -70,9 +70,10 @@ def _checkpoint(tmp_path, name="simple_cnn", channels=3, classes=8):
     return save_state({"model": net.state_dict(), "meta": meta, "epoch": 1}, tmp_path / "checkpoint_000000"), net
 
 
-def test_same_class_count_keeps_the_head_and_a_uri_or_state_pt_works(tmp_path):
+def test_same_class_count_keeps_the_head_and_a_uri_state_pt_or_search_works(tmp_path):
     path, source = _checkpoint(tmp_path)
-    for spec in (str(path), f"file://{path.parent}"):
+    (tmp_path / "best.json").write_text(json.dumps({"checkpoint": "checkpoint_000000"}))  # a search, relative
+    for spec in (str(path), f"file://{path.parent}", str(tmp_path)):
         net = build_model(ModelConfig(pretrained=spec), 3, 12, 8)
         assert all(torch.equal(v, source.state_dict()[k]) for k, v in net.state_dict().items())
 

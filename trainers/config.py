@@ -126,9 +126,10 @@ class DataConfig:
 class ModelConfig:
     """The network. ``dropout`` applies before the classifier of every model with a head.
 
-    ``pretrained`` (resnet50) is a local weights file, or ``imagenet`` for torchvision's
-    file in the torch cache; raysweep never downloads weights. ``input_size`` resizes
-    images inside the model (e.g. 224 for ImageNet weights).
+    ``pretrained`` is a raysweep run or checkpoint (any model), or for resnet50 a .pth file
+    or ``imagenet`` for torchvision's file in the torch cache; raysweep never downloads
+    weights (``trainers.transfer``). ``freeze_backbone`` trains only the head. ``input_size``
+    resizes images inside the model (e.g. 224 for ImageNet weights).
     """
 
     name: str = "simple_cnn"
