@@ -1,11 +1,16 @@
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainers.config import TrainRunConfig, load_run_config
 from trainers.configtools import ConfigError
+from trainers.models import ModelError
+from trainers.transfer import read_pretrained
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+ROOT = Path(__file__).parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
 def test_defaults_train_simple_cnn_on_digits():
@@ -69,5 +74,25 @@ def test_missing_or_broken_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_every_shipped_example_config_loads(path):
-    assert load_run_config(str(path)).model.name
+def test_every_shipped_example_loads_and_says_where_its_inputs_come_from(path, tmp_path, monkeypatch):
+    """An input an example names is in the repository, or the example's comments tell the
+    user how to get it: the command that fetches ImageNet weights (the one raysweep's own
+    error names, since it never downloads), or what a data root must hold."""
+    cfg = load_run_config(str(path))
+    lines = path.read_text().splitlines()
+    comments = "\n".join(line.split("#", 1)[1] for line in lines if "#" in line)
+    for key, value in (("data.root", cfg.data.root), ("data.test_root", cfg.data.test_root)):
+        if value is None or (ROOT / value).exists():
+            continue
+        line = next(ln for ln in lines if ln.strip().startswith(key.split(".")[1] + ":"))
+        assert "#" in line or f"--set {key}=" in comments, f"{path.name}: say what {key} {value!r} must hold"
+    if cfg.model.pretrained == "imagenet":
+        monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty cache
+        with pytest.raises(ModelError, match="never downloads") as err:
+            read_pretrained("imagenet")
+        fetch = re.search(r"torchvision\.models\.resnet50\(weights='\w+'\)", str(err.value)).group(0)
+        assert fetch in comments, f"{path.name}: tell the user to run {fetch} once"
+    elif cfg.model.pretrained:
+        assert (ROOT / cfg.model.pretrained).exists() or "model.pretrained=" in comments, path.name
+    if cfg.model.freeze_backbone:  # a frozen random backbone would leave only the head to learn
+        assert cfg.model.pretrained, f"{path.name}: freeze_backbone without pretrained weights"

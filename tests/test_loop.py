@@ -13,9 +13,10 @@ def _cfg(**sections):
 
 
 def test_fast_cifar_and_resnet18_learn_on_parquet_data(tiny_parquet):
+    # Two epochs: resnet18 went 0.35 -> 0.61, fast_cifar 0.40 -> 0.74 here (4 epochs cost 2x, 130 CPU-s).
     for model in ("fast_cifar", "resnet18"):
         cfg = _cfg(data={"name": "parquet", "root": str(tiny_parquet)}, model={"name": model},
-                   optim={"name": "adam", "lr": 2e-3}, train={"epochs": 4, "batch_size": 32},
+                   train={"epochs": 2, "batch_size": 32},
                    augment={"flip": 0.5, "crop_padding": 1})
         rep = ListReporter()
         fit(cfg, load_data(cfg.data), WorkerContext(), rep)
@@ -24,33 +25,23 @@ def test_fast_cifar_and_resnet18_learn_on_parquet_data(tiny_parquet):
 
 
 def test_divergence_names_epoch_step_and_learning_rate():
-    cfg = _cfg(optim={"name": "sgd", "lr": 9.0}, loss={"name": "mse"}, train={"epochs": 5})
-    # MSE on softmax cannot blow up, so poison the data instead: an infinite pixel.
+    cfg = _cfg(train={"epochs": 5})
+    # Poison the data: with a NaN mean every normalised pixel, and so the first loss, is NaN.
     data = load_data(cfg.data)
     data.mean = (float("nan"),)
     rep = ListReporter()
     last = fit(cfg, data, WorkerContext(), rep)
     assert last["stop_reason"] == "diverged" and len(rep.metrics) == 1
-    assert "epoch 1 at step 0" in last["message"] and "learning rate 9" in last["message"]
+    assert "epoch 1 at step 0" in last["message"] and "learning rate 0.002" in last["message"]
     assert rep.states == []  # nothing non-finite is checkpointed
 
 
-def test_early_stopping_and_resume_from_state():
+def test_early_stopping_after_patience_epochs_without_gain():
     cfg = _cfg(train={"epochs": 30, "early_stopping": {"metric": "val_accuracy", "patience": 2, "min_delta": 0.5}})
     rep = ListReporter()
     last = fit(cfg, load_data(cfg.data), WorkerContext(), rep)
     assert last["stop_reason"] == "early_stopped" and len(rep.metrics) == 3  # 1 best + 2 without gain
-
-    cfg = _cfg(train={"epochs": 4})
-    data = load_data(cfg.data)
-    full = ListReporter()
-    fit(cfg, data, WorkerContext(), full)
-    first_half = ListReporter()
-    fit(_cfg(train={"epochs": 4}), data, WorkerContext(), first_half)
-    resumed = ListReporter(resume_from=first_half.states[1])  # the state after epoch 2
-    fit(cfg, data, WorkerContext(), resumed)
-    assert [m["epoch"] for m in resumed.metrics] == [3, 4]
-    assert resumed.metrics[-1]["val_loss"] == torch.tensor(full.metrics[-1]["val_loss"]).item()
+    # Resuming from a state: tests/test_recipe.py (with Lookahead, whose state rides along).
 
 
 def test_train_loss_is_the_data_loss_like_val_loss_and_the_l1_penalty_is_apart():

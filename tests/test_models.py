@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from trainers.config import ModelConfig
-from trainers.models import MODELS, ModelError, build_model
+from trainers.models import HEADS, MODELS, ModelError, build_model
 
 SHAPES = {"simple_cnn": (1, 8), "resnet18": (3, 16), "resnet50": (3, 32), "fast_cifar": (3, 32),
           "fast_cifar95": (3, 32)}
 
 
-def test_every_registered_model_has_a_contract_shape():
-    assert sorted(SHAPES) == MODELS.names()
+def test_every_registered_model_has_a_contract_shape_and_a_head():
+    assert sorted(SHAPES) == MODELS.names() == sorted(HEADS)
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
@@ -27,6 +27,9 @@ def test_forward_backward_finite(name):
     grads = [p.grad for p in net.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert torch.isfinite(logits).all()
+    # What depends on the class count lies in the head, which transfer learning replaces.
+    per_class = [k for k, v in net.state_dict().items() if v.shape[:1] == (5,)]
+    assert per_class and all(k.startswith(HEADS[name]) for k in per_class), per_class
 
 
 def test_simple_cnn_adapts_to_odd_sizes_and_channels():
@@ -34,12 +37,15 @@ def test_simple_cnn_adapts_to_odd_sizes_and_channels():
     assert net(torch.randn(2, 4, 13, 13)).shape == (2, 3)
 
 
-def test_resnet50_transfer_head_freeze_and_resize(tmp_path):
-    from torchvision.models import resnet50
+def test_resnet50_from_imagenet_weights_in_the_torch_cache_with_a_new_frozen_head(tmp_path, monkeypatch):
+    from torchvision.models import ResNet50_Weights, resnet50
 
-    weights = tmp_path / "r50.pth"
+    # Where torchvision.models.resnet50(weights='DEFAULT') leaves its file (README, examples/).
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    weights = tmp_path / "checkpoints" / ResNet50_Weights.DEFAULT.url.rsplit("/", 1)[1]
+    weights.parent.mkdir()
     torch.save(resnet50(weights=None).state_dict(), weights)
-    net = build_model(ModelConfig(name="resnet50", pretrained=str(weights), freeze_backbone=True, input_size=64),
+    net = build_model(ModelConfig(name="resnet50", pretrained="imagenet", freeze_backbone=True, input_size=64),
                       channels=1, image_size=16, num_classes=7)
     trainable = [n for n, p in net.named_parameters() if p.requires_grad]
     assert trainable and all(".fc." in n for n in trainable)
@@ -56,5 +62,5 @@ def test_resnet50_missing_weights_never_downloads(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(ModelError, match="never downloads"):
         build_model(ModelConfig(name="resnet50", pretrained="imagenet"), 3, 32, 10)
-    with pytest.raises(ModelError, match="no weights file"):
+    with pytest.raises(ModelError, match="no file or directory at"):
         build_model(ModelConfig(name="resnet50", pretrained=str(tmp_path / "nope.pth")), 3, 32, 10)

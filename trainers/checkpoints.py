@@ -7,6 +7,7 @@ model can be rebuilt and fed raw images without the run that made it.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def network_from_state(state: dict) -> tuple[torch.nn.Module, TrainRunConfig, di
     meta = state["meta"]
     cfg = TrainRunConfig.from_dict(meta["config"])
     channels, height, _ = meta["image_shape"]
-    net = build_model(cfg.model, channels, height, len(meta["classes"]))
+    # Not from model.pretrained again: the checkpoint holds every weight, and that file may be gone.
+    net = build_model(dataclasses.replace(cfg.model, pretrained=None), channels, height, len(meta["classes"]))
     net.load_state_dict(state["model"])
     return net, cfg, meta
 

@@ -126,9 +126,10 @@ class DataConfig:
 class ModelConfig:
     """The network. ``dropout`` applies before the classifier of every model with a head.
 
-    ``pretrained`` (resnet50) is a local weights file, or ``imagenet`` for torchvision's
-    file in the torch cache; raysweep never downloads weights. ``input_size`` resizes
-    images inside the model (e.g. 224 for ImageNet weights).
+    ``pretrained`` is a raysweep run or checkpoint (any model), or for resnet50 a .pth file
+    or ``imagenet`` for torchvision's file in the torch cache; raysweep never downloads
+    weights (``trainers.transfer``). ``freeze_backbone`` trains only the head. ``input_size``
+    resizes images inside the model (e.g. 224 for ImageNet weights).
     """
 
     name: str = "simple_cnn"
@@ -350,6 +351,10 @@ def load_run_values(path: str | None = None, overrides: tuple[str, ...] | list[s
             problems += e.problems
             continue
         set_path(values, key, value)
+    if isinstance(values.get("model"), dict) and isinstance(values["model"].get("pretrained"), str):
+        from trainers.transfer import absolute_location  # workers run in another directory
+
+        values["model"]["pretrained"] = absolute_location(values["model"]["pretrained"])
     try:
         TrainRunConfig.from_dict(values)
     except ConfigError as e:

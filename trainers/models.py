@@ -4,24 +4,41 @@ logits ``(N, num_classes)``."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainers.config import ModelConfig
 from trainers.registry import Registry
+from trainers.transfer import ModelError, freeze_backbone, load_backbone, read_pretrained  # noqa: F401 (ModelError: re-exported)
 
 MODELS: Registry = Registry("model")
 
 
-class ModelError(ValueError):
-    pass
+# The head of each model: the key prefix of the layers that map features to classes. A
+# transfer replaces it when the class count differs; freeze_backbone trains only it.
+HEADS = {"simple_cnn": "11.", "resnet18": "fc.", "resnet50": "1.fc.", "fast_cifar": "head.", "fast_cifar95": "head."}
+# Where a plain .pth in torchvision's own layout sits in our network (resnet50: after _Resize).
+TORCHVISION_PREFIX = {"resnet50": "1."}
 
 
 def build_model(cfg: ModelConfig, channels: int, image_size: int, num_classes: int) -> nn.Module:
-    return MODELS[cfg.name](cfg, channels, image_size, num_classes)
+    """The named network; with ``cfg.pretrained`` its backbone (and its head, when the class
+    counts agree) loaded from there, and with ``cfg.freeze_backbone`` only its head trained
+    (``trainers.transfer``)."""
+    if cfg.pretrained == "imagenet" and cfg.name != "resnet50":
+        raise ModelError(f"model.pretrained: 'imagenet' weights exist here for resnet50 only, not {cfg.name}; "
+                         "give a raysweep checkpoint of this model, or set model.name=resnet50")
+    net = MODELS[cfg.name](cfg, channels, image_size, num_classes)
+    if cfg.pretrained:
+        source = read_pretrained(cfg.pretrained)
+        prefix = TORCHVISION_PREFIX.get(cfg.name, "") if source.model_name is None else ""
+        if prefix and any(k in net.state_dict() for k in source.weights):  # already our own layout
+            prefix = ""
+        load_backbone(net, source, cfg.name, HEADS[cfg.name], prefix)
+    if cfg.freeze_backbone:
+        freeze_backbone(net, HEADS[cfg.name])
+    return net
 
 
 @MODELS.register("simple_cnn")
@@ -57,26 +74,6 @@ def resnet18(cfg: ModelConfig, channels: int, image_size: int, num_classes: int)
     return net
 
 
-def _imagenet_weights(spec: str) -> Path:
-    """A local file, or torchvision's ResNet-50 file already in the torch hub cache."""
-    if spec != "imagenet":
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise ModelError(f"model.pretrained: no weights file at {spec!r}; give a local .pth path")
-        return path
-    from torchvision.models import ResNet50_Weights
-
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    for weights in ResNet50_Weights:
-        path = cache / Path(weights.url).name
-        if path.is_file():
-            return path
-    raise ModelError(
-        f"model.pretrained: 'imagenet' weights are not in the torch cache ({cache}); raysweep never "
-        "downloads them: fetch once with torchvision.models.resnet50(weights='DEFAULT') or give a .pth path"
-    )
-
-
 class _Resize(nn.Module):
     """Resize inside the model, so checkpoints and exports keep the training image size."""
 
@@ -94,19 +91,14 @@ class _Resize(nn.Module):
 
 @MODELS.register("resnet50")
 def resnet50(cfg: ModelConfig, channels: int, image_size: int, num_classes: int) -> nn.Module:
-    """ResNet-50 backbone (optionally ImageNet-pretrained, optionally frozen) with a new
-    head: global average pool -> dense 1024 -> ReLU -> dropout -> dense classes."""
+    """ResNet-50 backbone with a new head: global average pool -> dense 1024 -> ReLU ->
+    dropout -> dense classes. ImageNet weights (``pretrained: imagenet`` or torchvision's
+    .pth) fit images of 1 or 3 channels."""
     from torchvision.models import resnet50 as tv_resnet50
 
     net = tv_resnet50(weights=None)
-    if cfg.pretrained:
-        state = torch.load(_imagenet_weights(cfg.pretrained), map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
     if channels not in (1, 3):
         net.conv1 = nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False)
-    if cfg.freeze_backbone:
-        for p in net.parameters():
-            p.requires_grad_(False)
     net.fc = nn.Sequential(
         nn.Linear(2048, 1024), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout), nn.Linear(1024, num_classes)
     )
