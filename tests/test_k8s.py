@@ -403,8 +403,7 @@ def test_the_rayjobs_command_is_one_raysweep_accepts():
     assert parsed.storage.startswith("s3://") and spec.results == f"{parsed.storage}/{parsed.name}"
     space = load_space(parsed.space)
     user = load_run_values(parsed.config, parsed.overrides)
-    assert user["data"]["root"].startswith("s3://")  # the data streams from S3 too
-    space.trial_config(user, space.default_point())
+    assert space.trial_config(user, space.default_point()).data.root.startswith("s3://")  # data from S3 too
     with pytest.raises(ConfigError):  # and the checks bite: a misspelt option, a misspelt key
         job_spec([a.replace("--trials", "--trails") for a in args], local_cluster=False)
     with pytest.raises(ConfigError, match="rooot"):
