@@ -284,3 +284,16 @@ def test_library_build_paths_are_dropped_from_errors():
     assert "/__w/" not in text and ".cpp" not in text
     assert clean_error("boom\nException raised from f at /pytorch/c10/x.cpp:12 (most recent call first):\n"
                        "frame #0: c10::Error") == "boom"
+
+
+def test_pretrained_runs_and_imagenet_that_cannot_be_used_are_refused_before_ray(tmp_path, capsys, no_ray,
+                                                                                  monkeypatch):
+    run = tmp_path / "old-run"
+    run.mkdir()
+    (run / "summary.json").write_text('{"status": "failed"}')  # a run that saved no checkpoint
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    for value, reason in ((str(run), "names no checkpoint"), ("imagenet", "not in the torch cache")):
+        code, err = run_cli(["train", "--set", "model.name=resnet50", "--set", f"model.pretrained={value}",
+                             "--storage", str(tmp_path / "runs")], capsys)
+        assert code == 2 and reason in err, err
+    assert not (tmp_path / "runs").exists()

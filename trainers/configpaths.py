@@ -24,18 +24,33 @@ def path_problems(cfg: TrainRunConfig) -> list[str]:
     problems = []
     for (section, key), names in PATH_FIELDS.items():
         value = getattr(getattr(cfg, section), key)
-        if value is None or value in names or "://" in value:
+        if value is None:
             continue
         path = Path(value).expanduser()
         try:
             if path.is_file():
                 _load_weights(path)
-            elif not path.is_dir():
+            elif value in names or "://" in value or path.is_dir():
+                problems += _pretrained_problems(value)  # 'imagenet', a URI, a run or checkpoint directory
+            else:
                 raise FileNotFoundError
         except FILE_ERRORS as e:
             problems.append(f"{file_problem(f'{section}.{key} {value!r}', e)}; give a readable local file"
                             + (f" or one of: {', '.join(names)}" if names else ""))
     return problems
+
+
+def _pretrained_problems(spec: str) -> list[str]:
+    """Read ``model.pretrained`` as the workers will (``trainers.transfer``): the torch
+    cache for 'imagenet', the checkpoint a run or search directory records, a URI."""
+    from trainers.data import DataError
+    from trainers.transfer import ModelError, read_pretrained
+
+    try:
+        read_pretrained(spec)
+    except (ModelError, DataError) as e:
+        return [str(e)]
+    return []
 
 
 def _load_weights(path: Path) -> None:
