@@ -126,7 +126,8 @@ def total(rows: Iterable[Mapping]) -> dict:
 
 def describe(spent: Mapping) -> str:
     """``0.0123 CPU-hours, 0 GPU-hours, cost 0.000615``."""
-    text = f"{(spent.get('cpu_seconds') or 0) / 3600:.4g} CPU-hours, {(spent.get('gpu_seconds') or 0) / 3600:.4g} GPU-hours"
+    hours = {k: (spent.get(f"{k}_seconds") or 0) / 3600 for k in ("cpu", "gpu")}
+    text = f"{hours['cpu']:.4g} CPU-hours, {hours['gpu']:.4g} GPU-hours"
     return text + (f", cost {spent['cost']:.4g}" if spent.get("cost") is not None else "")
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 from ray import tune
 
-from cluster.cost import USAGE_KEYS, Prices, Reserved, usage
+from cluster.cost import USAGE_KEYS, Prices, Reserved, total, usage
 from cluster.store import ResultsStore
 from cluster.tables import EPOCHS_SCHEMA, EpochLog
 from search_spaces.space import SearchSpace
@@ -229,8 +229,7 @@ class SearchResultsCallback(tune.Callback):
         now = time.time()
         rows = [usage(self.reserved, r.wall_seconds if r.status != RUNNING else now - r.started, self.prices)
                 for r in self._records.values()]
-        return {k: sum(row[k] or 0.0 for row in rows) for k in USAGE_KEYS} | (
-            {} if self.prices else {"cost": None})
+        return total(rows)
 
     def budget_spent(self, reason: str) -> None:
         """Tune stops every running trial now (``Stopper.stop_all``) without calling

@@ -82,8 +82,8 @@ class SearchConfig:
             out.append(f"--cpus-per-worker: {self.placement.cpus_per_worker} must be > 0")
         if self.placement.use_gpu and not 0 < self.placement.gpus_per_worker <= 1:
             out.append(f"--gpus-per-worker: {self.placement.gpus_per_worker} must lie in (0, 1]")
-        for flag, value in (("--budget-gpu-hours", self.budget_gpu_hours), ("--budget-cpu-hours", self.budget_cpu_hours),
-                            ("--budget-cost", self.budget_cost)):
+        for flag, value in (("--budget-gpu-hours", self.budget_gpu_hours),
+                            ("--budget-cpu-hours", self.budget_cpu_hours), ("--budget-cost", self.budget_cost)):
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 out.append(f"{flag}: {value!r} must be a finite number > 0 (or left out: no budget)")
         return out

@@ -149,8 +149,8 @@ def test_train_summary_carries_usage_and_cost(tmp_path, capsys):
     from cluster.store import ResultsStore
     from cluster.train_cmd import TrainRequest, _finish
 
-    req = TrainRequest(cfg=None, placement=Placement(workers=2, use_gpu=True, cpus_per_worker=2.0), storage=str(tmp_path),
-                       name="r", prices=Prices(gpu_hour=1.8, cpu_hour=0.36))
+    req = TrainRequest(cfg=None, placement=Placement(workers=2, use_gpu=True, cpus_per_worker=2.0),
+                       storage=str(tmp_path), name="r", prices=Prices(gpu_hour=1.8, cpu_hour=0.36))
     summary = {"status": "completed"}
     _finish(ResultsStore(str(tmp_path), "r"), summary, time.time() - 100.0, req)
     saved = json.loads((tmp_path / "r" / "summary.json").read_text())

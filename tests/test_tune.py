@@ -210,7 +210,8 @@ def test_a_cpu_hours_budget_stops_the_search_and_records_why(tmp_path, capsys):
     so the budget runs out after a few of the 50 trials; the trial running then is stopped at it."""
     budget_s = 6.0
     assert _tune(tmp_path, "budget", "--space", "digits_cnn", "--trials", "50", "--max-epochs", "2", "--scheduler",
-                 "none", "--concurrent", "1", "--budget-cpu-hours", str(budget_s / 3600), "--price", "cpu_hour=0.5") == 0
+                 "none", "--concurrent", "1", "--budget-cpu-hours", str(budget_s / 3600),
+                 "--price", "cpu_hour=0.5") == 0
     out = capsys.readouterr().out
     trials = _trials(tmp_path / "budget")
     assert 1 <= len(trials) < 50 and {t["status"] for t in trials} <= {"completed", "budget_stopped"}, trials
