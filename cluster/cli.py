@@ -68,17 +68,24 @@ def add_config(p: argparse.ArgumentParser) -> None:
                    help="override one config key; repeatable")
 
 
+def add_price(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--price", metavar="gpu_hour=X,cpu_hour=Y", help="prices per reserved GPU/CPU hour (any currency; "
+                   "a key left out costs 0): fills the cost column and totals")
+
+
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     add_config(p)
     add_common(p)
     p.add_argument("--workers", type=positive_int, default=2, help="data-parallel workers (default 2)")
     p.add_argument("--cpus-per-worker", type=positive_float, default=1.0, help="CPUs each worker takes (> 0)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl); refused where there is none")
+    add_price(p)
 
 
 @command("train", "train one model data-parallel on Ray Train")(_train_arguments)
 def _train(args) -> int:
     from cluster import train_cmd
+    from cluster.cost import parse_prices
     from trainers.config import load_run_config
     from trainers.distributed import Placement
 
@@ -89,7 +96,8 @@ def _train(args) -> int:
     if args.resume and args.name is None:
         raise ConfigError(["--resume: name the run to continue with --name NAME"])
     name = train_cmd.default_name(cfg) if args.name is None else args.name  # "" is refused, not defaulted
-    req = train_cmd.TrainRequest(cfg, placement, args.storage, name, args.address, resume=args.resume)
+    req = train_cmd.TrainRequest(cfg, placement, args.storage, name, args.address, resume=args.resume,
+                                 prices=parse_prices(args.price))
     summary = train_cmd.run(req)
     return EXIT_OK if summary["status"] in (train_cmd.COMPLETED, train_cmd.EARLY_STOPPED) else EXIT_FAILED
 

@@ -59,13 +59,19 @@ def _results(args) -> int:
         if history is None:
             print(f"raysweep results: no trials.parquet or history.parquet under {store.uri}", file=sys.stderr)
             return EXIT_BAD_REQUEST
-        metric = run_metric(store.read_json("summary.json") or {})
+        summary = store.read_json("summary.json") or {}
+        metric = run_metric(summary)
         rows = ranked(history, metric, EARLY_STOP_METRICS[metric])
     else:
-        best = store.read_json("best.json") or {}
-        rows = ranked(trials, f"best_{best.get('metric', 'val_accuracy')}", best.get("mode", "max"))
+        summary = store.read_json("best.json") or {}
+        rows = ranked(trials, f"best_{summary.get('metric', 'val_accuracy')}", summary.get("mode", "max"))
     rows = rows[: args.top] if args.top else rows
     print(render(rows, args.format))
+    if args.format == "table" and summary.get("cpu_seconds") is not None:  # csv and json stay plain rows
+        from cluster.cost import describe
+
+        stopped = f"; stopped: {summary['stop_reason']}" if summary.get("stop_reason") else ""
+        print(f"used {describe(summary)}{stopped}")
     return EXIT_OK
 
 
@@ -77,6 +83,6 @@ def render(rows: list[dict], fmt: str) -> str:
     frame = pd.DataFrame(rows)
     if fmt == "csv":
         return frame.to_csv(index=False).rstrip("\n")
-    frame = frame.drop(columns=[c for c in ("checkpoint", "error") if c in frame and frame[c].isna().all()])
+    frame = frame.drop(columns=[c for c in ("checkpoint", "error", "cost") if c in frame and frame[c].isna().all()])
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.float_format", "{:.4g}".format):
         return frame.to_string(index=False)

@@ -11,6 +11,7 @@ import ray.train
 
 from cluster.callbacks import TrainHistoryCallback
 from cluster.connect import check_fits, connect
+from cluster.cost import Prices, Reserved, describe, usage
 from cluster.guard import check_run_target
 from cluster.plots import training_curves
 from cluster.store import ResultsStore
@@ -37,6 +38,7 @@ class TrainRequest:
     name: str
     address: str | None = None
     resume: bool = False  # continue the run at <storage>/<name>; without it that name must be new
+    prices: Prices | None = None  # fills summary.json's cost
 
 
 def default_name(cfg: TrainRunConfig, kind: str = "train") -> str:
@@ -99,7 +101,7 @@ def run(req: TrainRequest, data: ImageData | None = None) -> dict:
                               callbacks=[TrainHistoryCallback(store.storage, req.name)])
     except ray.train.TrainingFailedError as e:
         summary.update(status=FAILED, error=f"{type(e).__name__}: {clean_error(str(e))}")
-        _finish(store, summary, started)
+        _finish(store, summary, started, req)
         return summary
     history = store.read_table("history.parquet")
     last = store.read_json("progress.json") or {}  # Result.metrics is the last checkpoint's
@@ -113,7 +115,7 @@ def run(req: TrainRequest, data: ImageData | None = None) -> dict:
         summary["checkpoint"] = checkpoint_uri(checkpoint)
     if history is not None and history.num_rows:
         store.write_bytes("curves.png", training_curves(history, title=req.name))
-    _finish(store, summary, started)
+    _finish(store, summary, started, req)
     return summary
 
 
@@ -124,8 +126,10 @@ def _describe(data: ImageData | StreamPlan) -> str:
     return f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test images"
 
 
-def _finish(store: ResultsStore, summary: dict, started: float) -> None:
+def _finish(store: ResultsStore, summary: dict, started: float, req: TrainRequest) -> None:
     summary["wall_seconds"] = round(time.time() - started, 2)
+    # What the workers reserved (Ray Train's controller takes no CPU) over the run's wall time.
+    summary.update(usage(Reserved.of(req.placement), summary["wall_seconds"], req.prices))
     store.write_json("summary.json", summary)
     print(format_summary(summary, store), flush=True)
 
@@ -142,6 +146,7 @@ def format_summary(summary: dict, store: ResultsStore) -> str:
         lines.append("test        " + "  ".join(
             f"{k.removeprefix('test_')} {summary[k]:.4f}"
             for k in ("test_accuracy", "test_precision", "test_recall", "test_f1")))
+    lines.append(f"used        {describe(summary)}")
     lines.append(f"results     {store.uri}/  (history.parquet, summary.json, curves.png, progress.json)")
     if summary.get("checkpoint"):
         lines.append(f"checkpoint  {summary['checkpoint']}")

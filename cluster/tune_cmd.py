@@ -8,14 +8,15 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from cluster.cli import (EXIT_FAILED, EXIT_OK, add_common, add_config, command, non_negative_int, positive_float,
-                         positive_int)
+from cluster.cli import (EXIT_FAILED, EXIT_OK, add_common, add_config, add_price, command, non_negative_int,
+                         positive_float, positive_int)
 from cluster.connect import capacity, check_fits, connect
+from cluster.cost import Budget, BudgetStopper, Prices, Reserved, describe, parse_prices, total
 from cluster.guard import check_run_target, safe_name_part
 from cluster.plots import importance, learning_curves, optimisation_history
 from cluster.store import ResultsStore
 from cluster.train_cmd import check_placement, evaluate_on_test
-from cluster.tune_results import COMPLETED, EARLY_STOPPED, SearchResultsCallback
+from cluster.tune_results import BUDGET_STOPPED, COMPLETED, EARLY_STOPPED, SearchResultsCallback
 from search_spaces.space import SearchSpace, load_space
 from search_spaces.tuner import SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, check_restorable, concurrency
 from trainers.config import load_run_values
@@ -25,7 +26,7 @@ from trainers.streaming import DECODE_CPUS, StreamPlan, load_for_training
 from trainers.distributed import Placement
 from ray.train import Checkpoint
 
-GOOD = (COMPLETED, EARLY_STOPPED)
+GOOD = (COMPLETED, EARLY_STOPPED, BUDGET_STOPPED)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class TuneRequest:
     name: str
     address: str | None = None
     resume: bool = False  # continue the search at <storage>/<name>; without it that name must be new
+    prices: Prices | None = None  # fills the cost columns and totals; needed by a cost budget
 
 
 def _arguments(p):
@@ -59,6 +61,11 @@ def _arguments(p):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--trial-retries", type=non_negative_int, default=d.trial_max_failures,
                    help="restarts of a trial that raised (from its last checkpoint) before it counts as failed")
+    add_price(p)
+    p.add_argument("--budget-gpu-hours", type=positive_float, help="stop the search once its trials reserved this many "
+                   "GPU-hours (GPUs x wall time): no new trial, the running ones stopped")
+    p.add_argument("--budget-cpu-hours", type=positive_float, help="the same for CPU-hours")
+    p.add_argument("--budget-cost", type=positive_float, help="the same for cost (needs --price)")
 
 
 @command("tune", "search hyperparameters with Ray Tune + Optuna (TPE) and ASHA")(_arguments)
@@ -70,12 +77,15 @@ def _tune(args) -> int:
     search = SearchConfig(trials=args.trials, max_epochs=args.max_epochs, searcher=args.searcher,
                           scheduler=args.scheduler, grace_period=min(args.grace_period, args.max_epochs),
                           reduction_factor=args.reduction_factor, concurrent=args.concurrent, seed=args.seed,
-                          placement=placement, trial_max_failures=args.trial_retries).validate()
+                          placement=placement, trial_max_failures=args.trial_retries,
+                          budget_gpu_hours=args.budget_gpu_hours, budget_cpu_hours=args.budget_cpu_hours,
+                          budget_cost=args.budget_cost).validate()
+    prices = parse_prices(args.price)
     if args.resume and args.name is None:
         raise ConfigError(["--resume: name the search to continue with --name NAME"])
     name = (f"tune-{safe_name_part(space.name)}-{time.strftime('%Y%m%d-%H%M%S')}" if args.name is None
             else args.name)  # "" is refused, not defaulted
-    req = TuneRequest(space, user, search, args.storage, name, args.address, resume=args.resume)
+    req = TuneRequest(space, user, search, args.storage, name, args.address, resume=args.resume, prices=prices)
     best = run(req)
     return EXIT_OK if best.get("status") == "ok" else EXIT_FAILED
 
@@ -89,6 +99,9 @@ def run(req: TuneRequest) -> dict:
     """Run (or resume) the search; returns what best.json holds."""
     base = base_config(req)
     check_placement(req.search.placement, "--workers-per-trial")
+    budget = Budget.of(req.search)
+    if problems := budget.problems(req.prices, req.search.placement.use_gpu):
+        raise ConfigError(problems)
     probe = req.space.trial_config(base, req.space.default_point())  # config errors before Ray starts
     check_paths([probe, *req.space.value_configs(base)])  # every bound and choice, with the user's settings
     store = check_run_target(req.storage, req.name, req.resume, "tune")
@@ -104,16 +117,20 @@ def run(req: TuneRequest) -> dict:
     print(f"raysweep tune: {req.name}: space {req.space.name}, {req.search.trials} trials x up to "
           f"{req.search.max_epochs} epochs, {req.search.placement.workers} worker(s) per trial, {concurrent} at once, "
           f"{req.search.searcher} + {req.search.scheduler}; results in {store.uri}", flush=True)
-    callback = SearchResultsCallback(store.storage, req.name, req.space, req.search.max_epochs)
+    callback = SearchResultsCallback(store.storage, req.name, req.space, req.search.max_epochs,
+                                     Reserved.of(req.search.placement, req.search.driver_cpus), req.prices)
     tuner = build_tuner(req.space, base, data, req.search, store.storage, req.name, [callback], concurrent,
                         local_dir.rstrip("/") if local_dir else None, resume=req.resume,
-                        progress_reporter=live_view(req.space))
+                        progress_reporter=live_view(req.space, sort=not budget.any),
+                        stopper=BudgetStopper(budget, callback) if budget.any else None)
     tuner.fit()
     return finish(req, store, data)
 
 
-def live_view(space: SearchSpace):
-    """Tune's compact trial table (the classic reporter), refreshed every 15 s."""
+def live_view(space: SearchSpace, sort: bool = True):
+    """Tune's compact trial table (the classic reporter), refreshed every 15 s. ``sort``: by
+    the metric; not with a budget: Ray 2.60's reporter fails sorting a trial that a budget
+    (``Stopper.stop_all``) stopped before its first result (no metric, TypeError)."""
     from ray.tune import CLIReporter
 
     # The newer output engine prints a box per result; the table reads better.
@@ -123,7 +140,7 @@ def live_view(space: SearchSpace):
     always = [d for d in space.dimensions if not d.when and d.type != "loguniform_or_zero"]  # in every config
     params = {d.key: d.key.split(".")[-1] for d in always[:6]}
     return CLIReporter(metric_columns=metrics, parameter_columns=params, max_report_frequency=15,
-                       sort_by_metric=True, metric=space.metric, mode=space.mode)
+                       sort_by_metric=sort, metric=space.metric, mode=space.mode)
 
 
 def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
@@ -133,9 +150,10 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
     rows = trials.to_pylist() if trials is not None else []
     good = [r for r in rows if r["status"] in GOOD and r.get(f"best_{metric}") is not None]
     _draw(req, store, trials, epochs, good, metric, mode)
+    spent = spending(req, rows)
     if not good:
         reasons = sorted({f"{r['status']}: {r.get('error') or '?'}" for r in rows})
-        best = {"status": "failed", "trials": len(rows), "reasons": reasons}
+        best = {"status": "failed", "trials": len(rows), "reasons": reasons, **spent}
         store.write_json("best.json", best)
         print(f"raysweep tune: no trial succeeded ({len(rows)} trials):\n  " + "\n  ".join(reasons), flush=True)
         return best
@@ -145,7 +163,7 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
             "params": {k: top[k] for k in trials.column_names if k in _param_columns(req.space)},
             "config": req.space.trial_config(base_config(req), _params_of(req.space, top)).to_dict(),
             "best_epoch": top["best_epoch"], "checkpoint": top["checkpoint"],
-            **{k: top[k] for k in top if k.startswith(("best_val", "final_val"))}}
+            **{k: top[k] for k in top if k.startswith(("best_val", "final_val"))}, **spent}
     if top["checkpoint"]:
         best.update(evaluate_on_test(Checkpoint(top["checkpoint"]), data, req.search.placement.use_gpu))
     store.write_json("best.json", best)
@@ -155,6 +173,17 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
                       ("test_accuracy", "test_precision", "test_recall", "test_f1") if k in best), flush=True)
     print(f"results in {store.uri}/ (trials.parquet, epochs.parquet, best.json, *.png)", flush=True)
     return best
+
+
+def spending(req: TuneRequest, rows: list[dict]) -> dict:
+    """The search's totals over its trials, and why a budget stopped it (printed too)."""
+    spent = total(rows)
+    line = f"used {describe(spent)} over {len(rows)} trials"
+    if reason := Budget.of(req.search).exceeded(spent):
+        spent["stop_reason"] = reason
+        line += f"; stopped: {reason}"
+    print(line, flush=True)
+    return spent
 
 
 def _param_columns(space: SearchSpace) -> set[str]:
@@ -172,10 +201,10 @@ def _params_of(space: SearchSpace, row: dict) -> dict:
 def leaderboard(rows: list[dict], metric: str, mode: str, top: int = 10) -> str:
     sign = 1 if mode == "max" else -1
     ranked = sorted(rows, key=lambda r: -sign * (r.get(f"best_{metric}") or (-1e18 * sign)))
-    lines = [f"{'trial':<12} {'status':<13} {'epochs':>6} {('best ' + metric):>18}"]
+    lines = [f"{'trial':<12} {'status':<14} {'epochs':>6} {('best ' + metric):>18}"]
     for r in ranked[:top]:
         value = r.get(f"best_{metric}")
-        lines.append(f"{r['trial_id']:<12} {r['status']:<13} {r['epochs_run']:>6} "
+        lines.append(f"{r['trial_id']:<12} {r['status']:<14} {r['epochs_run']:>6} "
                      f"{(f'{value:.4f}' if value is not None else '-'):>18}")
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 from ray import tune
 
+from cluster.cost import USAGE_KEYS, Prices, Reserved, total, usage
 from cluster.store import ResultsStore
 from cluster.tables import EPOCHS_SCHEMA, EpochLog
 from search_spaces.space import SearchSpace
@@ -26,7 +27,8 @@ from trainers.loop import STOP_DIVERGED, STOP_EARLY
 
 COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, RUNNING = "completed", "early_stopped", "diverged", "failed", "running"
 LOST = "lost"  # started before a crash, after Tune's last snapshot: a resumed search never continues it
-FINAL = (COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, LOST)
+BUDGET_STOPPED = "budget_stopped"  # running when the search's budget ran out (cluster.cost.BudgetStopper)
+FINAL = (COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, LOST, BUDGET_STOPPED)
 SUMMARY_METRICS = ("val_accuracy", "val_loss", "val_f1")  # best_<m>: its best over the epochs (min for a loss)
 
 
@@ -56,8 +58,9 @@ def trials_schema(space: SearchSpace) -> pa.Schema:
     fields += [pa.field("epochs_run", pa.int32()), pa.field("best_epoch", pa.int32())]
     for m in SUMMARY_METRICS:
         fields += [pa.field(f"best_{m}", pa.float64()), pa.field(f"final_{m}", pa.float64())]
-    fields += [pa.field("wall_seconds", pa.float64()), pa.field("checkpoint", pa.string()),
-               pa.field("error", pa.string())]
+    fields += [pa.field("wall_seconds", pa.float64())]
+    fields += [pa.field(k, pa.float64()) for k in USAGE_KEYS]  # reserved resources x wall_seconds; cost: priced
+    fields += [pa.field("checkpoint", pa.string()), pa.field("error", pa.string())]
     return pa.schema(fields)
 
 
@@ -111,10 +114,18 @@ def trial_params(space: SearchSpace, config: dict) -> dict:
 
 
 class SearchResultsCallback(tune.Callback):
-    """Writes the search's tables and prints a line as each trial ends."""
+    """Writes the search's tables and prints a line as each trial ends. It is also the
+    search's ledger: what its trials used so far (``spent``), which ``BudgetStopper`` reads."""
 
-    def __init__(self, storage: str, name: str, space: SearchSpace, max_epochs: int):
+    reserved = Reserved(cpus=0.0)  # class defaults: a search pickled before these existed resumes
+    prices: Prices | None = None
+
+    def __init__(self, storage: str, name: str, space: SearchSpace, max_epochs: int,
+                 reserved: Reserved | None = None, prices: Prices | None = None):
+        """``reserved``: what each trial holds (``Reserved.of(placement, driver_cpus)``);
+        ``prices``: to fill the ``cost`` column."""
         self.storage, self.name, self.space, self.max_epochs = storage, name, space, max_epochs
+        self.reserved, self.prices = reserved or Reserved(cpus=0.0), prices
         self._store: ResultsStore | None = None
 
     def __getstate__(self):  # Tune pickles callbacks into its experiment state
@@ -210,9 +221,28 @@ class SearchResultsCallback(tune.Callback):
         rec.error = _last_line(str(error))
         self._finish(rec)
 
+    # --- the ledger ----------------------------------------------------------------
+    def spent(self) -> dict:
+        """``cpu_seconds``, ``gpu_seconds``, ``cost`` of every trial: finished ones over their
+        wall time, running ones so far (a resumed search counts the trials of before)."""
+        _ = self.store
+        now = time.time()
+        rows = [usage(self.reserved, r.wall_seconds if r.status != RUNNING else now - r.started, self.prices)
+                for r in self._records.values()]
+        return total(rows)
+
+    def budget_spent(self, reason: str) -> None:
+        """Tune stops every running trial now (``Stopper.stop_all``) without calling
+        ``on_trial_complete``: they end here, at the moment the budget ran out."""
+        print(f"raysweep tune: {reason}; no new trials, stopping the running ones", flush=True)
+        _, now = self.store, time.time()
+        for rec in [r for r in self._records.values() if r.status == RUNNING]:
+            rec.status = BUDGET_STOPPED
+            self._finish(rec, now)
+
     # --- writing -----------------------------------------------------------------
-    def _finish(self, rec: TrialRecord) -> None:
-        rec.wall_seconds = time.time() - rec.started
+    def _finish(self, rec: TrialRecord, now: float | None = None) -> None:
+        rec.wall_seconds = (now or time.time()) - rec.started
         self._write_trials()
         print(self.describe(rec), flush=True)
 
@@ -222,7 +252,7 @@ class SearchResultsCallback(tune.Callback):
         score = f"best {m} {rec.epochs[best][m]:.4f} (epoch {best})" if best else "no finite result"
         params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in rec.params.items())
         reason = f"  [{rec.error}]" if rec.error else ""
-        return f"trial {rec.trial_id} {rec.status:<13} epochs {len(rec.epochs):>2}  {score}  {params}{reason}"
+        return f"trial {rec.trial_id} {rec.status:<14} epochs {len(rec.epochs):>2}  {score}  {params}{reason}"
 
     def _write_trials(self) -> None:
         rows = [self._row(r) for r in self._records.values()]
@@ -235,7 +265,7 @@ class SearchResultsCallback(tune.Callback):
         final = rec.epochs[max(rec.epochs)] if rec.epochs else {}
         row = {"trial_id": rec.trial_id, "status": rec.status, "epochs_run": len(rec.epochs),
                "best_epoch": best, "wall_seconds": rec.wall_seconds, "error": rec.error,
-               "checkpoint": rec.best_checkpoint(m, mode)}
+               "checkpoint": rec.best_checkpoint(m, mode), **usage(self.reserved, rec.wall_seconds, self.prices)}
         row.update({param_column(k): _cast(v) for k, v in rec.params.items()})
         for name in SUMMARY_METRICS:
             row[f"best_{name}"] = rec.best_value(name)

@@ -54,10 +54,12 @@ def _name(name: str | None, resume: bool, default: str) -> str:
 
 def train(config: str | Path | Mapping | None = None, *, overrides: Overrides | None = None, workers: int = 2,
           cpus_per_worker: float = 1.0, gpu: bool = False, storage: str = "./runs", name: str | None = None,
-          address: str | None = None, resume: bool = False) -> dict:
+          address: str | None = None, resume: bool = False, prices: Mapping[str, float] | str | None = None) -> dict:
     """`raysweep train`: one data-parallel run. Returns its ``summary.json`` (``status``,
-    test metrics, ``checkpoint`` URI, ...)."""
+    test metrics, ``checkpoint`` URI, ``cpu_seconds``, ``gpu_seconds``, ``cost`` given
+    ``prices`` such as ``{"gpu_hour": 1.2, "cpu_hour": 0.05}``, ...)."""
     from cluster import train_cmd
+    from cluster.cost import parse_prices
     from trainers.config import TrainRunConfig
     from trainers.distributed import Placement
 
@@ -66,21 +68,24 @@ def train(config: str | Path | Mapping | None = None, *, overrides: Overrides | 
         raise ConfigError([f"workers: {workers} must be >= 1"])
     placement = Placement(workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker)
     req = train_cmd.TrainRequest(cfg, placement, storage, _name(name, resume, train_cmd.default_name(cfg)),
-                                 address, resume=resume)
+                                 address, resume=resume, prices=parse_prices(prices, "prices"))
     return train_cmd.run(req)
 
 
 def tune(space: str | Path, config: str | Path | Mapping | None = None, *, overrides: Overrides | None = None,
          workers_per_trial: int = 1, cpus_per_worker: float = 1.0, gpu: bool = False, gpus_per_worker: float = 1.0,
          storage: str = "./runs", name: str | None = None, address: str | None = None, resume: bool = False,
-         **search: Any) -> dict:
+         prices: Mapping[str, float] | str | None = None, **search: Any) -> dict:
     """`raysweep tune`: a search over ``space`` (a shipped space's name or a YAML file).
     ``search`` takes ``SearchConfig``'s fields: trials, max_epochs, searcher, scheduler,
-    grace_period, reduction_factor, concurrent, seed, trial_max_failures. Returns
-    ``best.json`` (``status``, the best trial's values, metrics and checkpoint)."""
+    grace_period, reduction_factor, concurrent, seed, trial_max_failures, budget_gpu_hours,
+    budget_cpu_hours, budget_cost (needs ``prices``). Returns ``best.json`` (``status``, the
+    best trial's values, metrics and checkpoint, the search's ``cpu_seconds``,
+    ``gpu_seconds``, ``cost`` and ``stop_reason`` when a budget stopped it)."""
     import time
 
     from cluster import tune_cmd
+    from cluster.cost import parse_prices
     from cluster.guard import safe_name_part
     from search_spaces.space import load_space
     from search_spaces.tuner import SearchConfig
@@ -99,7 +104,8 @@ def tune(space: str | Path, config: str | Path | Mapping | None = None, *, overr
                           gpus_per_worker=gpus_per_worker)
     searched = SearchConfig(placement=placement, **search).validate()
     default = f"tune-{safe_name_part(loaded.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    req = tune_cmd.TuneRequest(loaded, user, searched, storage, _name(name, resume, default), address, resume=resume)
+    req = tune_cmd.TuneRequest(loaded, user, searched, storage, _name(name, resume, default), address, resume=resume,
+                               prices=parse_prices(prices, "prices"))
     return tune_cmd.run(req)
 
 

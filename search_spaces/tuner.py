@@ -52,6 +52,11 @@ class SearchConfig:
     seed: int = 0
     placement: Placement = field(default_factory=Placement)
     trial_max_failures: int = 1
+    # Stop the search once its trials have used this much (reserved resources x wall time;
+    # cost needs prices): no new trial, the running ones stopped (cluster.cost.BudgetStopper).
+    budget_gpu_hours: float | None = None
+    budget_cpu_hours: float | None = None
+    budget_cost: float | None = None
 
     def problems(self) -> list[str]:
         out = []
@@ -77,6 +82,10 @@ class SearchConfig:
             out.append(f"--cpus-per-worker: {self.placement.cpus_per_worker} must be > 0")
         if self.placement.use_gpu and not 0 < self.placement.gpus_per_worker <= 1:
             out.append(f"--gpus-per-worker: {self.placement.gpus_per_worker} must lie in (0, 1]")
+        for flag, value in (("--budget-gpu-hours", self.budget_gpu_hours),
+                            ("--budget-cpu-hours", self.budget_cpu_hours), ("--budget-cost", self.budget_cost)):
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                out.append(f"{flag}: {value!r} must be a finite number > 0 (or left out: no budget)")
         return out
 
     def validate(self) -> "SearchConfig":
@@ -290,9 +299,10 @@ def check_restorable(experiment_uri: str) -> None:
 
 def build_tuner(space: SearchSpace, base: dict, data: ImageData, search: SearchConfig, storage: str, name: str,
                 callbacks: list[Any], concurrent: int, experiment_dir: str | None, resume: bool,
-                progress_reporter=None) -> tune.Tuner:
+                progress_reporter=None, stopper=None) -> tune.Tuner:
     """A new Tuner, or with ``resume`` the search at ``<storage>/<name>`` restored (Tune unpickles
-    its state from there: resume only from storage that only trusted users can write)."""
+    its state from there: resume only from storage that only trusted users can write; the
+    callbacks and the ``stopper``, a ``ray.tune.Stopper`` such as a budget, come from there too)."""
     experiment_uri = f"{storage.rstrip('/')}/{name}"
     fn = trainable(space, base, data, search, experiment_uri)
     if resume:
@@ -314,6 +324,7 @@ def build_tuner(space: SearchSpace, base: dict, data: ImageData, search: SearchC
             name=name,
             storage_path=storage,
             callbacks=callbacks,
+            stop=stopper,
             failure_config=tune.FailureConfig(max_failures=search.trial_max_failures),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=space.metric, checkpoint_score_order=space.mode),

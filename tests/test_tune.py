@@ -205,6 +205,26 @@ def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path):
     assert sum(e["trial_id"] in resumed for e in epochs) == 18
 
 
+def test_a_cpu_hours_budget_stops_the_search_and_records_why(tmp_path, capsys):
+    """6 CPU-seconds: a digits trial of 2 epochs takes ~0.5-3 s here (the first one longest),
+    so the budget runs out after a few of the 50 trials; the trial running then is stopped at it."""
+    budget_s = 6.0
+    assert _tune(tmp_path, "budget", "--space", "digits_cnn", "--trials", "50", "--max-epochs", "2", "--scheduler",
+                 "none", "--concurrent", "1", "--budget-cpu-hours", str(budget_s / 3600),
+                 "--price", "cpu_hour=0.5") == 0
+    out = capsys.readouterr().out
+    trials = _trials(tmp_path / "budget")
+    assert 1 <= len(trials) < 50 and {t["status"] for t in trials} <= {"completed", "budget_stopped"}, trials
+    spent = sum(t["cpu_seconds"] for t in trials)
+    assert budget_s <= spent < 2 * budget_s  # stopped at the budget, not after the running trial's end
+    assert all(t["cpu_seconds"] == t["wall_seconds"] and t["gpu_seconds"] == 0 for t in trials)  # 1 CPU a trial
+    assert all(t["cost"] == pytest.approx(t["cpu_seconds"] * 0.5 / 3600) for t in trials)
+    best = json.loads((tmp_path / "budget" / "best.json").read_text())
+    assert best["stop_reason"].startswith("CPU-hours budget spent:") and "(--budget-cpu-hours)" in best["stop_reason"]
+    assert best["cpu_seconds"] == pytest.approx(spent) and best["cost"] == pytest.approx(spent * 0.5 / 3600)
+    assert f"stopped: {best['stop_reason']}" in out
+
+
 def test_trials_schema_is_pinned():
     schema = trials_schema(load_space("digits_cnn"))
     expected = pa.schema([
@@ -216,7 +236,8 @@ def test_trials_schema_is_pinned():
         ("best_val_accuracy", pa.float64()), ("final_val_accuracy", pa.float64()),
         ("best_val_loss", pa.float64()), ("final_val_loss", pa.float64()),
         ("best_val_f1", pa.float64()), ("final_val_f1", pa.float64()),
-        ("wall_seconds", pa.float64()), ("checkpoint", pa.string()), ("error", pa.string()),
+        ("wall_seconds", pa.float64()), ("cpu_seconds", pa.float64()), ("gpu_seconds", pa.float64()),
+        ("cost", pa.float64()), ("checkpoint", pa.string()), ("error", pa.string()),
     ])
     assert schema.equals(expected)
 
