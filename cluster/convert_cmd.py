@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.cli import EXIT_FAILED, EXIT_OK, command, non_negative_int, positive_float
+from cluster.cli import EXIT_FAILED, EXIT_OK, command, non_negative_int
 
 
 def _convert_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("src", metavar="SRC", help="image folder SRC/<class>/*.jpg|png, local or a URI (s3://bucket/prefix)")
     p.add_argument("dst", metavar="DST", help="directory or URI for part-NNNNN.parquet; re-running resumes")
-    p.add_argument("--shard-mb", type=positive_float, default=128.0, help="MiB of encoded images per shard (default 128)")
+    p.add_argument("--shard-mb", type=float, default=128.0, help="MiB of encoded images per shard (default 128)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                    help="resize to cover H x W (aspect kept), then center-crop to exactly H x W")
     p.add_argument("--format", choices=FORMATS, default="jpeg",
