@@ -1,4 +1,4 @@
-"""The README's Performance tables come from the results files, not from typing."""
+"""The Performance tables (docs/benchmarks.md) come from the results files, not from typing."""
 
 import json
 
@@ -15,12 +15,13 @@ def test_report_renders_each_result_file_and_rewrites_only_the_marked_block(tmp_
     (results / "augment.quick.json").write_text(json.dumps({**rec, "mode": "quick", "value": 1.0}))
     quick = {**rec, "name": "search", "mode": "quick", "value": 0.25, "command": "python -m benchmarks search --quick"}
     (results / "search.quick.json").write_text(json.dumps(quick))
-    readme = tmp_path / "README.md"
-    readme.write_text(f"before\n{report.START}\nold figures\n{report.END}\nafter\n")
+    page = tmp_path / "docs" / "benchmarks.md"
+    page.parent.mkdir()
+    page.write_text(f"before\n{report.START}\nold figures\n{report.END}\nafter\n")
     monkeypatch.setattr(report, "RESULTS_DIR", results)
     monkeypatch.setattr(report, "REPO", tmp_path)
-    report.write_readme()
-    text = readme.read_text()
+    report.write_docs()
+    text = page.read_text()
     assert "old figures" not in text and text.startswith("before\n") and text.endswith("after\n")
     assert "| augment | full | 16.5 | x | >= 20 | False | 2026-11-29T03:36 |" in text  # full wins over quick
     assert "| search | quick | 0.25 | x |" in text and "`python -m benchmarks search --quick`" in text
@@ -28,3 +29,10 @@ def test_report_renders_each_result_file_and_rewrites_only_the_marked_block(tmp_
     (results / "augment.json").write_text(json.dumps({**rec, "value": 1.0229}))
     assert "| augment | full | 1.023 | x |" in report.markdown()
     assert "| batched | 5.64e+04 |" in text and "- a note" in text and "No run on record yet: precision" in text
+
+
+def test_the_markers_are_in_the_benchmarks_page_once_and_not_in_the_readme():
+    page = (report.REPO / report.TARGET).read_text()
+    assert page.count(report.START) == page.count(report.END) == 1
+    assert page.index(report.START) < page.index(report.END)
+    assert report.START not in (report.REPO / "README.md").read_text()
