@@ -1,4 +1,4 @@
-"""The schemas of raysweep's result tables, in one place (the README documents them)."""
+"""The schemas of raysweep's result tables, in one place (docs/train.md and docs/tune.md document them)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Every benchmark's --smoke variant runs and prints its JSON line, so the scripts cannot
 rot. Only the shape of the result is checked here: speed is measured by the real runs
-(`make bench`, README's Performance section), never by tests. No ../shared data needed:
+(`make bench`, docs/benchmarks.md), never by tests. No ../shared data needed:
 the cifar10 smoke variant makes a tiny Parquet set."""
 
 from __future__ import annotations

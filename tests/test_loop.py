@@ -85,7 +85,7 @@ def test_checkpoints_before_the_last_epoch_hold_lookahead_slow_weights_and_lr_is
     resumed = ListReporter(resume_from=rep.states[0])
     fit(cfg, data, WorkerContext(), resumed)
     assert [m["val_loss"] for m in resumed.metrics] == [m["val_loss"] for m in rep.metrics[1:]]
-    for m in rep.metrics:  # README: `lr` is the rate at the epoch's first step
+    for m in rep.metrics:  # docs/train.md: `lr` is the rate at the epoch's first step
         first_step = (m["epoch"] - 1) * steps
         assert m["lr"] == pytest.approx(0.05 * SCHEDULES["triangle"](first_step, steps * 2, 0))
 

@@ -344,7 +344,7 @@ def fit(cfg: TrainRunConfig, data, ctx: WorkerContext, reporter: Reporter, input
     metrics: dict = {}
     for epoch in range(first_epoch, cfg.train.epochs + 1):
         gen = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + epoch * 1009 + ctx.rank)
-        lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step: the README's ``lr``
+        lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step: docs/train.md's ``lr``
         batches = inputs.train_batches(epoch, local_batch, gen)
         if ctx.rank == 0:
             batches = with_progress(batches, epoch, steps)
