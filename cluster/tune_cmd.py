@@ -171,7 +171,8 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
     print(f"best trial {top['trial_id']}: {metric} {top[f'best_{metric}']:.4f} at epoch {top['best_epoch']}; "
           + "  ".join(f"{k.removeprefix('test_')} {best[k]:.4f}" for k in
                       ("test_accuracy", "test_precision", "test_recall", "test_f1") if k in best), flush=True)
-    print(f"results in {store.uri}/ (trials.parquet, epochs.parquet, best.json, *.png)", flush=True)
+    print(f"results in {store.uri}/ (trials.parquet, epochs.parquet, best.json, *.png)\n"
+          f"next        raysweep results {store.uri}", flush=True)
     return best
 
 

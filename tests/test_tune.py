@@ -223,6 +223,7 @@ def test_a_cpu_hours_budget_stops_the_search_and_records_why(tmp_path, capsys):
     assert best["stop_reason"].startswith("CPU-hours budget spent:") and "(--budget-cpu-hours)" in best["stop_reason"]
     assert best["cpu_seconds"] == pytest.approx(spent) and best["cost"] == pytest.approx(spent * 0.5 / 3600)
     assert f"stopped: {best['stop_reason']}" in out
+    assert f"next        raysweep results {tmp_path / 'budget'}" in out  # the one line to look at them
 
 
 def test_trials_schema_is_pinned():
