@@ -195,7 +195,7 @@ def run(mode: str = "full") -> Result:
              "ray %core / others %core: CPU of Ray's processes (all but the training process) / of other work on "
              "the machine while an epoch trained, % of one core (medians). On 2 cores the 2 training threads meet at "
              "barriers, so a core-second taken by anything else costs about a second of wall time"
-             + (f"; busiest Ray processes in raysweep's epoch 2: " + ", ".join(
+             + ("; busiest Ray processes in raysweep's epoch 2: " + ", ".join(
                  f"{name} {100 * cpu_s / epoch2['train_seconds'][1]:.1f}%"
                  for name, _, cpu_s in epoch2["background_cpu"][1]["top"][:6]) if epoch2 else "")]
     return Result(

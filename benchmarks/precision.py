@@ -105,7 +105,7 @@ def run(mode: str = "full") -> Result:
         rows=rows,
         notes=[f"training steps (forward, backward, SGD) on random 3x{size['image_size']}^2 batches; {threads} "
                f"threads; 1 warm-up then {size['reps']} alternating samples of {size['steps']} step(s), medians",
-               f"GFLOP per image per training step (FlopCounterMode, fwd+bwd): " + ", ".join(
+               "GFLOP per image per training step (FlopCounterMode, fwd+bwd): " + ", ".join(
                    f"{m} {r['gflop_per_image_step']:.3g}" for m, r in per_model.items()),
                f"auto resolves to {auto}; faster per model: " + ", ".join(
                    f"{m} {r['faster']} ({r['bf16_over_fp32']:.2f}x)" for m, r in per_model.items())],

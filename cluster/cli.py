@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _import_commands() -> None:
     """The modules whose ``@command`` decorators register the other subcommands."""
-    from cluster import convert_cmd, jobs_cmd, predict_cmd, results_cmd, tune_cmd  # noqa: F401
+    from cluster import convert_cmd, head_cmd, jobs_cmd, predict_cmd, results_cmd, tune_cmd  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,9 +29,8 @@ import pytest
 
 from cluster.auth import ensure_token, find_token
 from cluster.cli import build_parser, main
-from cluster.jobs_cmd import (
-    WORKING_DIR_EXCLUDES, HeadOptions, exposure_warning, head_command, job_address, job_spec, project_root,
-)
+from cluster.head_cmd import HeadOptions, exposure_warning, head_command
+from cluster.jobs_cmd import WORKING_DIR_EXCLUDES, job_address, job_spec, project_root
 from trainers.configtools import ConfigError
 
 ROOT = project_root()
