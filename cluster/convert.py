@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
-import re
-import sys
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cluster.convert_images import ProgressBar, cover_and_crop, decode_with_pil, encode, short_error, with_channels
 from trainers.configtools import ConfigError
 from trainers.data import IMAGE_SUFFIXES, DataError, decode_image
 from trainers.uris import file_info as _info
@@ -166,39 +164,6 @@ class Converted:
     error: str | None = None
 
 
-def cover_and_crop(img, height: int, width: int):
-    """Resize (C, h, w) so that it covers height x width, keeping its aspect, then cut the
-    centre: every output is exactly (C, height, width) and nothing is stretched."""
-    from torchvision.transforms.v2 import functional as F
-
-    scale = max(height / img.shape[-2], width / img.shape[-1])
-    size = [max(height, math.ceil(img.shape[-2] * scale)), max(width, math.ceil(img.shape[-1] * scale))]
-    return F.center_crop(F.resize(img, size, antialias=True), [height, width])
-
-
-def with_channels(img, channels: int):
-    """(C, H, W) with C in 1..4, uint8 or uint16 (16-bit PNG) -> uint8 (channels, H, W).
-    Training stacks images into one tensor, so one set must not mix grey and colour;
-    alpha is dropped (JPEG cannot hold it)."""
-    import torch
-    from torchvision.transforms.v2 import functional as F
-
-    if img.dtype != torch.uint8:  # the encoders take uint8 only
-        img = F.to_dtype(img, torch.uint8, scale=True)
-    if img.shape[0] in (2, 4):
-        img = img[: img.shape[0] - 1]
-    if img.shape[0] == channels:
-        return img
-    return img.expand(3, -1, -1) if channels == 3 else F.rgb_to_grayscale(img)
-
-
-def encode(img, fmt: str, quality: int) -> bytes:
-    from torchvision.io import encode_jpeg, encode_png
-
-    out = encode_jpeg(img.contiguous(), quality=quality) if fmt == "jpeg" else encode_png(img.contiguous())
-    return out.numpy().tobytes()
-
-
 def convert_one(fs: pafs.FileSystem, root: str, source: SourceFile, cfg: ConvertConfig) -> Converted:
     """Read, check and (re-)encode one file; a bad file comes back with its error, never raised."""
     try:
@@ -215,7 +180,7 @@ def convert_one(fs: pafs.FileSystem, root: str, source: SourceFile, cfg: Convert
         # can and the bytes are re-encoded (BMP, TIFF, ...): training decodes with torchvision.
         img = None if cfg.format == "keep" else decode_with_pil(data)
         if img is None:
-            return Converted(source, None, _short(str(e).removeprefix(f"{source.relative}: ")))
+            return Converted(source, None, short_error(str(e).removeprefix(f"{source.relative}: ")))
     if cfg.format == "keep":
         return Converted(source, data)
     img = with_channels(img, cfg.channels)
@@ -224,30 +189,7 @@ def convert_one(fs: pafs.FileSystem, root: str, source: SourceFile, cfg: Convert
     try:
         return Converted(source, encode(img, cfg.format, cfg.quality))
     except RuntimeError as e:  # e.g. a channel count the encoder refuses
-        return Converted(source, None, _short(f"cannot encode as {cfg.format}: {e}"))
-
-
-def decode_with_pil(data: bytes):
-    """Encoded bytes -> uint8 (C, H, W) through PIL, or None where PIL cannot read them either."""
-    import io
-
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im = im if im.mode in ("L", "LA", "RGB", "RGBA") else im.convert("RGB")
-            array = np.asarray(im)
-    except (UnidentifiedImageError, OSError, ValueError):  # PIL's ways of saying "not an image"
-        return None
-    return torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
-
-
-def _short(error: str, limit: int = 300) -> str:
-    """One line for the bad-files report (torchvision's messages carry C++ source paths)."""
-    error = re.sub(r"\w+, /\S+\.(?:cpp|h):\d+, ", "", " ".join(error.split()))
-    return error if len(error) <= limit else error[: limit - 3] + "..."
+        return Converted(source, None, short_error(f"cannot encode as {cfg.format}: {e}"))
 
 
 def ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
@@ -385,7 +327,7 @@ def _write_shards(cfg, src_fs, src_root, listing, dst, manifest, stop_after_shar
     shard_bytes = cfg.shard_mb * 2**20
     fmt = "original" if cfg.format == "keep" else cfg.format
     threads = cfg.threads or max(2, os.cpu_count() or 1)
-    bar = _progress_bar(len(order), done, len(manifest["shards"]), progress)
+    bar = ProgressBar(len(order), done, len(manifest["shards"]), progress)
     written_now, rows, bad, size, first = 0, [], [], 0, done
 
     def flush(end: int) -> None:
@@ -452,32 +394,3 @@ def summary_line(summary: dict) -> str:
             f"{summary['shards']} shards ({summary['mib']} MiB) under {summary['dst']}; "
             f"{summary['bad_files']} bad files (listed in {BAD_FILES}), "
             f"{summary['ignored_files']} ignored (unsupported extension or not in a class folder)")
-
-
-class _progress_bar:
-    """tqdm on a terminal; one line per shard otherwise (job logs do not render '\\r')."""
-
-    def __init__(self, total: int, done: int, shards: int, enabled: bool):
-        self.total, self.done, self.enabled = total, done, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.bar = None
-        if self.tty:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=done, unit="img", file=sys.stderr, desc="convert")
-            self.bar.set_postfix(shards=shards)
-
-    def file_done(self) -> None:
-        self.done += 1
-        if self.bar:
-            self.bar.update(1)
-
-    def shard_done(self, shards: int) -> None:
-        if self.bar:
-            self.bar.set_postfix(shards=shards)
-        elif self.enabled:
-            print(f"convert: {self.done}/{self.total} files, {shards} shards written", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.close()
