@@ -29,21 +29,16 @@ def run_values(config: str | Path | Mapping | None, overrides: Overrides | None)
     """The user's settings: a YAML file's or a dict's sections, then ``overrides`` given as
     ``{"optim.lr": 0.01}`` or as the CLI's ``["optim.lr=0.01"]``. Validated by the caller."""
     from trainers.config import load_run_values
-    from trainers.configtools import set_path
+    from trainers.configtools import merge, set_path
 
-    texts = [o for o in overrides or () if isinstance(o, str)] if not isinstance(overrides, Mapping) else []
+    by_key = overrides if isinstance(overrides, Mapping) else {}
+    texts = [] if isinstance(overrides, Mapping) else list(overrides or ())
     values = load_run_values(str(config) if isinstance(config, (str, Path)) else None, texts)
     if isinstance(config, Mapping):
-        values = _merged(copy.deepcopy(dict(config)), values)
-    for key, value in (overrides.items() if isinstance(overrides, Mapping) else ()):
+        values = merge(copy.deepcopy(dict(config)), values)
+    for key, value in by_key.items():
         set_path(values, str(key).split("."), value)
     return values
-
-
-def _merged(base: dict, update: dict) -> dict:
-    from trainers.configtools import merge
-
-    return merge(base, update)
 
 
 def _name(name: str | None, resume: bool, default: str) -> str:
@@ -63,9 +58,7 @@ def train(config: str | Path | Mapping | None = None, *, overrides: Overrides | 
     from trainers.config import TrainRunConfig
     from trainers.distributed import Placement
 
-    cfg = TrainRunConfig.from_dict(run_values(config, overrides))
-    if workers < 1:
-        raise ConfigError([f"workers: {workers} must be >= 1"])
+    cfg = TrainRunConfig.from_dict(run_values(config, overrides))  # the placement: train_cmd.check_placement
     placement = Placement(workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker)
     req = train_cmd.TrainRequest(cfg, placement, storage, _name(name, resume, train_cmd.default_name(cfg)),
                                  address, resume=resume, prices=parse_prices(prices, "prices"))
