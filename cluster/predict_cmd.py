@@ -25,6 +25,7 @@ from cluster.predict_inputs import UNKNOWN_CLASSES, Inputs, load_checkpoint, pla
 from cluster.predict_report import (PredictError, confusion_png, format_report, output_schema, side_file,
                                     write_predictions)
 from trainers.checkpoints import CheckpointError
+from trainers.distributed import times_fitting as how_many  # actors that fit: one rule with tune's trials
 from trainers.inference import (EXPORT_FORMATS, InferenceError, classifier_from_state, inference_precision,
                                 predict)
 from trainers.predict_readers import NO_LABEL, conform_rows, decode_rows, evaluation_spec, read_files, read_row_groups
@@ -33,12 +34,6 @@ from trainers.streaming import DecodeSpec
 __all__ = ["PredictRequest", "load_checkpoint", "run_predict", "how_many"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def how_many(total: float, each: float) -> int:
-    """How many ``each`` fit in ``total``, exactly where fractions are involved: floor
-    division of floats rounds 1.0 // 0.1 down to 9 (0.1 is stored a little above 0.1)."""
-    return math.floor(total / each + 1e-9)
 
 
 class Predictor:

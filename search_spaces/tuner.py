@@ -28,7 +28,7 @@ from search_spaces.space import SearchSpace
 from trainers.checkpoints import load_state, save_state
 from trainers.configtools import ConfigError
 from trainers.data import ImageData
-from trainers.distributed import Placement, checkpoint_uri, run_training
+from trainers.distributed import Placement, checkpoint_uri, run_training, times_fitting
 from trainers.loop import STOP_DIVERGED, StreamedInputs, WorkerContext, fit
 from trainers.streaming import StreamPlan, build_dataset
 
@@ -232,12 +232,6 @@ def concurrency(search: SearchConfig, resources: dict[str, float]) -> int:
     if p.use_gpu:
         fits = min(fits, times_fitting(resources.get("GPU", 0.0), p.workers * p.gpus_per_worker))
     return max(1, min(search.trials, search.concurrent or fits))
-
-
-def times_fitting(have: float, need: float) -> int:
-    """How many ``need``s fit in ``have``. Not ``have // need``: 1.0 // 0.1 is 9.0 in binary
-    floating point (0.1 is a hair above a tenth), so the tolerance goes on the quotient."""
-    return math.floor(have / need + 1e-9)
 
 
 def trainable(space: SearchSpace, base: dict, data: ImageData, search: SearchConfig, experiment_uri: str):

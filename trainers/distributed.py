@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -116,6 +117,12 @@ def train_loop_per_worker(config: dict) -> None:
         inputs = StreamedInputs(data, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"),
                                 ctx, cfg)
     fit(cfg, data, ctx, RayTrainReporter(rank, world, config.get("fault")), inputs)
+
+
+def times_fitting(have: float, need: float) -> int:
+    """How many ``need``s fit in ``have``. Not ``have // need``: 1.0 // 0.1 is 9.0 in binary
+    floating point (0.1 is a hair above a tenth), so the tolerance goes on the quotient."""
+    return math.floor(have / need + 1e-9)
 
 
 @dataclass(frozen=True)
