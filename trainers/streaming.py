@@ -68,6 +68,7 @@ class Source:
     location: str  # what the user gave (for messages); files are paths within its filesystem
     files: tuple[str, ...]
     rows: int  # images in the files, before any carving into splits
+    root: str = ""  # ``location``'s path within its filesystem (image folders' labels are relative to it)
 
 
 def _hidden(path: str) -> bool:
@@ -87,7 +88,7 @@ def list_parquet(location: str) -> Source:
                        if i.type == pafs.FileType.File and i.path.endswith(".parquet") and not _hidden(i.path))
     if not files:
         raise DataError(f"data.root: no .parquet files in {location!r}")
-    return Source("parquet", location, tuple(files), sum(_parquet_rows(fs, f) for f in files))
+    return Source("parquet", location, tuple(files), sum(_parquet_rows(fs, f) for f in files), path)
 
 
 def _parquet_file(fs: pafs.FileSystem, path: str):
@@ -131,7 +132,7 @@ def list_image_folder(location: str) -> tuple[Source, list[str]]:
             classes.add(rel.split("/", 1)[0])
     if not files:
         raise DataError(f"data.root: no {'/'.join(IMAGE_SUFFIXES)} images in class folders under {location!r}")
-    return Source("imagefolder", location, tuple(sorted(files)), len(files)), sorted(classes)
+    return Source("imagefolder", location, tuple(sorted(files)), len(files), path), sorted(classes)
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ def _sources(cfg: DataConfig) -> tuple[Source, Source | None, list[str]]:
                 test_root = pair["test"]
     train = list_parquet(root)
     test = list_parquet(test_root) if test_root else None
-    return train, test, parquet_classes(open_fs(root)[0], train.files)
+    return train, test, parquet_classes(fs, train.files)  # the same filesystem as root's
 
 
 def _need_root(cfg: DataConfig) -> str:
@@ -282,15 +283,11 @@ def plan_stream(cfg: DataConfig) -> StreamPlan:
     specs = {"train": (train, replace(eval_spec, band=(v, 1.0), train_crop=crop)),
              "val": (train, replace(eval_spec, band=(t, v))),
              "test": (test, eval_spec) if test is not None else (train, replace(eval_spec, band=(0.0, t)))}
-    specs = {k: (src, replace(spec, root=_fs_path(src.location))) for k, (src, spec) in specs.items()}
+    specs = {k: (src, replace(spec, root=src.root)) for k, (src, spec) in specs.items()}
     mean, std = channel_stats(sample)
     return StreamPlan(classes, mean, std, shape, train_rows=round(train.rows * (1 - v)),
                       val_rows=round(train.rows * (v - t)), test_rows=test.rows if test else round(train.rows * t),
                       sample=sample, sources=specs)
-
-
-def _fs_path(location: str) -> str:
-    return open_fs(location)[1]
 
 
 def _is_grey(img: torch.Tensor) -> bool:
