@@ -1,5 +1,6 @@
 """trainers.memory: freed activations are reused instead of faulted in afresh every step."""
 
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -14,19 +15,24 @@ PROBE = textwrap.dedent("""
     changed = keep_freed_memory() if sys.argv[1] == "keep" else False
     def step():  # what a training step does: activations (16-64 MiB here) written, then all freed
         acts = [torch.empty(n << 18).fill_(1.0) for n in (16, 64, 32, 64, 8)]
+    def faults():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(3):  # the heap's steady state
         step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    per_step = []
+    for _ in range(7):
+        before = faults()
         step()
-    print(changed, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        per_step.append(faults() - before)
+    print(changed, *per_step)
 """)
 
 
 def _faults(mode: str, env: dict | None = None) -> tuple[bool, int]:
+    """Whether the setting was changed, and the median page faults of one step."""
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env)
-    changed, faults = out.stdout.split()
-    return changed == "True", int(faults)
+    changed, *per_step = out.stdout.split()
+    return changed == "True", statistics.median(int(n) for n in per_step)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
@@ -34,9 +40,10 @@ def test_kept_memory_is_reused_without_page_faults():
     changed, kept = _faults("keep")
     _, default = _faults("default")
     assert changed
-    # 5 steps x 184 MiB = 235,520 pages: glibc's defaults map (and fault in) most of them afresh
-    assert default > 100_000, default
-    assert kept < default / 10, (kept, default)  # a stray 32 MiB re-fault (8k) happens now and then
+    # one step writes 184 MiB = 47,104 pages: glibc's defaults map (and fault in) most of them afresh.
+    # The median, because on a loaded machine a step now and then faults its pages in again (CI saw one)
+    assert default > 20_000, default
+    assert kept < 2_048, (kept, default)
 
 
 def _mapped_by_a_thread() -> int:
