@@ -62,35 +62,6 @@ def test_a_running_cluster_keeps_its_own_train_settings(monkeypatch):
     assert seen["runtime_env"] is None
 
 
-TRAIN_ON_A_FRESH_RAY = r'''
-import json, os, sys
-import ray
-from cluster.cli import main
-code = main(["train", "--storage", sys.argv[1], "--name", "nodash", "--set", "train.epochs=1",
-             "--set", "data.limit=200"])
-node = ray._private.worker._global_node
-print(json.dumps({"code": code, "webui": node.address_info.get("webui_url"),
-                  "api": os.environ.get("RAY_API_SERVER_ADDRESS")}))
-'''
-
-
-def test_raysweep_train_on_a_fresh_machine_starts_ray_without_the_dashboard(tmp_path):
-    """A single fit needs no state API (its placement group ends with the job), and the
-    dashboard's processes slow training on a small machine (embedded_ray_options)."""
-    import json
-    import subprocess
-    import sys
-
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-c", TRAIN_ON_A_FRESH_RAY, str(tmp_path)], capture_output=True,
-                          text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen["code"] == 0 and not seen["webui"] and seen["api"] is None
-    assert json.loads((tmp_path / "nodash" / "summary.json").read_text())["status"] == "completed"
-
-
 def test_the_controller_polls_less_often_while_no_report_comes(monkeypatch):
     """AdaptivePollController: the fastest interval until the first report; then 1.5x longer
     after each poll that brings no report, up to 1 s, and the fastest again after one that

@@ -3,6 +3,7 @@ processes, not the workers' torch.distributed store (TCPStore) or gloo's connect
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -46,14 +47,30 @@ def _listeners(pids: set[int]) -> set[tuple[str, str]]:
     return seen
 
 
+# `raysweep train` on a machine with no Ray running: the CLI starts its embedded Ray.
+TRAIN_ON_A_FRESH_RAY = r'''
+import json, os, sys
+import ray
+from cluster.cli import main
+code = main(["train", "--workers", "2", "--storage", sys.argv[1], "--name", "lo", "--set", "train.epochs=2",
+             "--set", "data.limit=400"])
+node = ray._private.worker._global_node
+print(json.dumps({"code": code, "webui": node.address_info.get("webui_url"),
+                  "api": os.environ.get("RAY_API_SERVER_ADDRESS")}))
+'''
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ss")
-def test_a_two_worker_train_run_listens_only_on_loopback(tmp_path):
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "--workers", "2", "--storage", str(tmp_path),
-           "--name", "lo", "--set", "train.epochs=2"]
+def test_a_two_worker_train_on_a_fresh_machine_listens_only_on_loopback_with_no_dashboard(tmp_path):
+    """One run, two checks. Nothing it starts listens beyond loopback (Ray's processes, the
+    workers' TCPStore and gloo). And the embedded Ray has no dashboard: a single fit needs no
+    state API (its placement group ends with the job), and the dashboard's processes slow
+    training on a small machine (cluster.connect.embedded_ray_options)."""
+    cmd = [sys.executable, "-c", TRAIN_ON_A_FRESH_RAY, str(tmp_path)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     seen: set[tuple[str, str]] = set()
     with open(tmp_path / "run.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
         try:
             deadline = time.monotonic() + 300
             while proc.poll() is None and time.monotonic() < deadline:
@@ -62,12 +79,16 @@ def test_a_two_worker_train_run_listens_only_on_loopback(tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
+            stdout = proc.stdout.read()
             proc.wait()
     assert proc.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
     workers = {addr for name, addr in seen if name.startswith("ray::RayTrainW")}
     assert workers, f"no training worker's listener was seen (the test saw: {sorted(seen)})"
     exposed = sorted((name, addr) for name, addr in seen if not LOOPBACK.match(addr))
     assert not exposed, f"listening beyond loopback: {exposed}"
+    ran = json.loads(stdout.strip().splitlines()[-1])
+    assert ran["code"] == 0 and not ran["webui"] and ran["api"] is None
+    assert json.loads((tmp_path / "lo" / "summary.json").read_text())["status"] == "completed"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux names its loopback interface lo")
