@@ -132,7 +132,7 @@ def _importance(data: ReportData):
 
     try:
         return plot_param_importances(data.study, evaluator=FanovaImportanceEvaluator(seed=0),
-                                      target=_target(data))
+                                      target=_target(data), target_name=f"best {data.metric}")
     except (RuntimeError, ValueError) as e:  # e.g. every trial had the same values
         return f"<p>No parameter importance: {html.escape(str(e))}</p>"
 
@@ -191,7 +191,8 @@ def _confusion(data: ReportData):
     fig = go.Figure(go.Heatmap(z=cm, x=classes, y=classes, colorscale="Blues", text=cm, texttemplate="%{text}",
                                hovertemplate="true %{y}, predicted %{x}: %{z}<extra></extra>"))
     fig.update_layout(title=f"Best trial {data.best.get('trial_id')} on the test split",
-                      xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed",
+                      height=min(1200, 200 + 40 * len(cm)), xaxis_title="predicted", yaxis_title="true",
+                      yaxis_autorange="reversed",
                       xaxis_type="category", yaxis_type="category")
     return fig
 

@@ -89,7 +89,7 @@ def test_the_study_has_finished_trials_only_failed_ones_as_fail():
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4 and states.count(optuna.trial.TrialState.FAIL) == 1
     assert study.best_trial.user_attrs["trial_id"] == "t3" and study.best_value == pytest.approx(0.9)
-    assert param_columns(data.trials)[:2] == ["optim_name", "optim_lr"] and "epochs_run" not in param_columns(data.trials)
+    assert param_columns(data.trials)[:2] == ["optim_name", "optim_lr"]
     assert "optim_momentum" not in study.best_trial.params  # a conditional key that was off
 
 
@@ -123,3 +123,25 @@ def test_params_columns_follow_the_trials_schema():
     table = pa.table({f.name: pa.array([], f.type) for f in schema}, schema=schema)
     assert param_columns(table) == ["optim_name", "optim_lr", "optim_momentum", "optim_weight_decay", "optim_l1",
                                     "model_dropout", "loss_label_smoothing", "augment_rotation", "augment_shift"]
+
+
+def test_the_search_callback_rewrites_a_live_report_as_each_trial_ends(tmp_path):
+    """What a running search writes (SearchResultsCallback, fed as by Tune): a page that
+    reloads itself, one row more after each trial."""
+    from types import SimpleNamespace
+
+    from cluster.report_cmd import LiveReport
+    from cluster.tune_results import SearchResultsCallback
+
+    space = load_space("digits_cnn")
+    callback = SearchResultsCallback(str(tmp_path), "live", space, max_epochs=1,
+                                     report=LiveReport(space.metric, space.mode))
+    for i in range(2):
+        trial = SimpleNamespace(trial_id=f"t{i}", config={**space.default_point(), "optim.lr": 1e-3 * (i + 1)})
+        callback.on_trial_start(0, [], trial)
+        callback.on_trial_result(0, [], trial, {"epoch": 1, "val_accuracy": 0.5 + i / 10, "val_loss": 1.0})
+        callback.on_trial_complete(0, [], trial)
+        page = (tmp_path / "live" / "report.html").read_text()
+        assert '<meta http-equiv="refresh"' in page
+        assert page.split('<table id="trials">')[1].split("</table>")[0].count("<tr") == i + 2
+    assert callback.report.warned is False
