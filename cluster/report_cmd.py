@@ -8,11 +8,12 @@ example for a search kept on ``s3://``.
 from __future__ import annotations
 
 import sys
+import time
 import webbrowser
 from pathlib import Path
 
 from cluster.cli import EXIT_BAD_REQUEST, EXIT_OK, command
-from cluster.report_html import ReportData, build_report
+from cluster.report_html import REFRESH_S, ReportData, build_report
 from cluster.store import ResultsStore
 
 REPORT = "report.html"
@@ -32,13 +33,19 @@ def write_report(store: ResultsStore, live: bool, metric: str | None = None, mod
 
 
 class LiveReport:
-    """Rewrites the report as trials finish, for ``SearchResultsCallback``. A report that
+    """Rewrites the report as trials finish, for ``SearchResultsCallback``: at most every
+    ``min_interval_s`` (drawing takes about a second of the driver's CPU; the page reloads
+    every ``REFRESH_S`` anyway, and the search's end writes the final one). A report that
     cannot be drawn must not end the search that feeds it: it warns once and the tables go on."""
 
-    def __init__(self, metric: str, mode: str):
-        self.metric, self.mode, self.warned = metric, mode, False
+    def __init__(self, metric: str, mode: str, min_interval_s: float = REFRESH_S):
+        self.metric, self.mode, self.min_interval_s, self.warned = metric, mode, min_interval_s, False
+        self.written_at = 0.0
 
     def __call__(self, store: ResultsStore) -> None:
+        if time.monotonic() - self.written_at < self.min_interval_s:
+            return
+        self.written_at = time.monotonic()
         try:
             write_report(store, live=True, metric=self.metric, mode=self.mode)
         except Exception as e:  # noqa: BLE001 - the search is the main path; the report is a view of it

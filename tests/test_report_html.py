@@ -135,7 +135,7 @@ def test_the_search_callback_rewrites_a_live_report_as_each_trial_ends(tmp_path)
 
     space = load_space("digits_cnn")
     callback = SearchResultsCallback(str(tmp_path), "live", space, max_epochs=1,
-                                     report=LiveReport(space.metric, space.mode))
+                                     report=LiveReport(space.metric, space.mode, min_interval_s=0))
     for i in range(2):
         trial = SimpleNamespace(trial_id=f"t{i}", config={**space.default_point(), "optim.lr": 1e-3 * (i + 1)})
         callback.on_trial_start(0, [], trial)
@@ -145,3 +145,14 @@ def test_the_search_callback_rewrites_a_live_report_as_each_trial_ends(tmp_path)
         assert '<meta http-equiv="refresh"' in page
         assert page.split('<table id="trials">')[1].split("</table>")[0].count("<tr") == i + 2
     assert callback.report.warned is False
+
+
+def test_a_report_that_cannot_be_written_warns_once_and_the_search_goes_on(tmp_path, capsys):
+    from cluster.report_cmd import LiveReport
+    from cluster.store import ResultsStore
+
+    (tmp_path / "blocked").write_text("a file where the storage directory belongs")
+    live = LiveReport("val_accuracy", "max", min_interval_s=0)
+    for _ in range(2):
+        live(ResultsStore(str(tmp_path / "blocked"), "x"))  # raises nothing
+    assert capsys.readouterr().out.count("warning: report.html not updated") == 1
