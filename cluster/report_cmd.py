@@ -32,11 +32,22 @@ def write_report(store: ResultsStore, live: bool, metric: str | None = None, mod
     return store.local_path(REPORT) or f"{store.uri}/{REPORT}"
 
 
+def try_write_report(store: ResultsStore, live: bool, metric: str, mode: str) -> str | None:
+    """``write_report`` for a search, which a report that cannot be drawn must not end: a
+    one-line warning instead (the tables are written; ``raysweep report`` rebuilds it)."""
+    try:
+        return write_report(store, live=live, metric=metric, mode=mode)
+    except Exception as e:  # noqa: BLE001 - the search is the main path; the report is a view of it
+        print(f"raysweep tune: warning: report.html not updated ({type(e).__name__}: {e}); "
+              "the tables are; rebuild it later with `raysweep report`", flush=True)
+        return None
+
+
 class LiveReport:
     """Rewrites the report as trials finish, for ``SearchResultsCallback``: at most every
     ``min_interval_s`` (drawing takes about a second of the driver's CPU; the page reloads
-    every ``REFRESH_S`` anyway, and the search's end writes the final one). A report that
-    cannot be drawn must not end the search that feeds it: it warns once and the tables go on."""
+    every ``REFRESH_S`` anyway, and the search's end writes the final one); after a failure
+    it warns once and stops trying."""
 
     def __init__(self, metric: str, mode: str, min_interval_s: float = REFRESH_S):
         self.metric, self.mode, self.min_interval_s, self.warned = metric, mode, min_interval_s, False
@@ -46,13 +57,8 @@ class LiveReport:
         if time.monotonic() - self.written_at < self.min_interval_s:
             return
         self.written_at = time.monotonic()
-        try:
-            write_report(store, live=True, metric=self.metric, mode=self.mode)
-        except Exception as e:  # noqa: BLE001 - the search is the main path; the report is a view of it
-            if not self.warned:
-                self.warned = True
-                print(f"raysweep tune: warning: report.html not updated ({type(e).__name__}: {e}); "
-                      "the tables are; rebuild it later with `raysweep report`", flush=True)
+        if not self.warned and try_write_report(store, True, self.metric, self.mode) is None:
+            self.warned = True
 
 
 def _arguments(p):

@@ -14,7 +14,7 @@ from cluster.connect import capacity, check_fits, connect
 from cluster.cost import Budget, BudgetStopper, Prices, Reserved, describe, parse_prices, total
 from cluster.guard import check_run_target, safe_name_part
 from cluster.plots import importance, learning_curves, optimisation_history
-from cluster.report_cmd import LiveReport, write_report
+from cluster.report_cmd import LiveReport, try_write_report
 from cluster.store import ResultsStore
 from cluster.train_cmd import check_placement, evaluate_on_test
 from cluster.tune_results import BUDGET_STOPPED, COMPLETED, EARLY_STOPPED, SearchResultsCallback
@@ -157,8 +157,9 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
         reasons = sorted({f"{r['status']}: {r.get('error') or '?'}" for r in rows})
         best = {"status": "failed", "trials": len(rows), "reasons": reasons, **spent}
         store.write_json("best.json", best)
-        _final_report(req, store)
-        print(f"raysweep tune: no trial succeeded ({len(rows)} trials):\n  " + "\n  ".join(reasons), flush=True)
+        report = _final_report(req, store)
+        print(f"raysweep tune: no trial succeeded ({len(rows)} trials):\n  " + "\n  ".join(reasons)
+              + (f"\nreport      {report}" if report else ""), flush=True)
         return best
     sign = 1 if mode == "max" else -1
     top = max(good, key=lambda r: sign * r[f"best_{metric}"])
@@ -177,14 +178,14 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
           + "  ".join(f"{k.removeprefix('test_')} {best[k]:.4f}" for k in
                       ("test_accuracy", "test_precision", "test_recall", "test_f1") if k in best), flush=True)
     print(f"results in {store.uri}/ (trials.parquet, epochs.parquet, best.json, *.png, report.html)\n"
-          f"report      {report}\n"
+          + (f"report      {report}\n" if report else "") +
           f"next        raysweep results {store.uri}", flush=True)
     return best
 
 
-def _final_report(req: TuneRequest, store: ResultsStore) -> str:
-    """report.html as the search ended: no more reloading."""
-    return write_report(store, live=False, metric=req.space.metric, mode=req.space.mode)
+def _final_report(req: TuneRequest, store: ResultsStore) -> str | None:
+    """report.html as the search ended (no more reloading); where it is, None if it failed (warned)."""
+    return try_write_report(store, False, req.space.metric, req.space.mode)
 
 
 def spending(req: TuneRequest, rows: list[dict]) -> dict:

@@ -4,6 +4,8 @@ journal served by optuna-dashboard."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -29,8 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 def search(ray_local, tmp_path_factory) -> Path:
     """One real search for every test here: the cheapest that has curves and importance."""
     storage = tmp_path_factory.mktemp("report")
-    assert main(["tune", "--storage", str(storage), "--name", "s", "--space", "digits_cnn", "--trials", str(TRIALS),
-                 "--max-epochs", "2", "--scheduler", "none", "--seed", "3"]) == 0
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = main(["tune", "--storage", str(storage), "--name", "s", "--space", "digits_cnn", "--trials",
+                     str(TRIALS), "--max-epochs", "2", "--scheduler", "none", "--seed", "3"])
+    (storage / "stdout.txt").write_text(out.getvalue())
+    assert code == 0, out.getvalue()[-3000:]
     return storage / "s"
 
 
@@ -70,6 +75,8 @@ def test_the_search_ends_with_a_final_report_and_the_best_trials_confusion_matri
     page = (search / "report.html").read_text()
     assert "http-equiv" not in page  # the final version no longer reloads itself
     assert table_rows(page) == TRIALS + 1 and f"best: {best['trial_id']}" in page
+    printed = (search.parent / "stdout.txt").read_text().splitlines()
+    assert printed[-2:] == [f"report      {search / 'report.html'}", f"next        raysweep results {search}"]
 
 
 def test_the_report_in_headless_chromium(search, chromium, tmp_path):
