@@ -16,11 +16,14 @@ setup(
         "numpy>=1.24",
         "pyyaml>=6",
         "matplotlib>=3.7",
+        # report.html, which every search writes: Optuna's visualisation module draws with plotly
+        "plotly>=5.20",
         "scikit-learn>=1.3",
         "pandas>=2.0",
     ],
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "duckdb", "polars",
                             # 5.2.2: pyarrow's S3 writes fail on 5.2.1 (getmoto/moto#10055)
-                            "moto[server]>=5.2.2", "boto3"]},
+                            "moto[server]>=5.2.2", "boto3",
+                            "optuna-dashboard"]},  # tests docs/tune.md's claim that it opens a search's journal
     entry_points={"console_scripts": ["raysweep=cluster.cli:main"]},
 )

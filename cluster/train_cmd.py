@@ -50,21 +50,22 @@ def status_from(metrics: dict) -> str:
 
 
 @ray.remote
-def _evaluate_checkpoint(checkpoint: ray.train.Checkpoint, split, use_gpu: bool) -> dict:
+def _evaluate_checkpoint(checkpoint: ray.train.Checkpoint, split, use_gpu: bool, confusion: bool = False) -> dict:
     """``split``: an in-memory ``Split``, or a streamed set's test Dataset (read here, in batches)."""
     device = "cuda" if use_gpu else "cpu"
     with checkpoint.as_directory() as directory:
-        return evaluate_state(load_state(directory), split, device=device, prefix="test")
+        return evaluate_state(load_state(directory), split, device=device, prefix="test", confusion=confusion)
 
 
-def evaluate_on_test(checkpoint: ray.train.Checkpoint, data_ref, use_gpu: bool) -> dict:
-    """The checkpoint's test metrics, computed in a Ray task (next to the data, on a GPU if asked)."""
+def evaluate_on_test(checkpoint: ray.train.Checkpoint, data_ref, use_gpu: bool, confusion: bool = False) -> dict:
+    """The checkpoint's test metrics, computed in a Ray task (next to the data, on a GPU if asked);
+    with ``confusion``, also ``test_confusion_matrix`` and ``test_classes`` (see evaluate_state)."""
     if isinstance(data_ref, StreamPlan):
         split = build_dataset(data_ref, "test")
     else:
         split = ray.get(data_ref).test if isinstance(data_ref, ray.ObjectRef) else data_ref.test
     task = _evaluate_checkpoint.options(num_cpus=1, num_gpus=1 if use_gpu else 0)
-    return ray.get(task.remote(checkpoint, split, use_gpu))
+    return ray.get(task.remote(checkpoint, split, use_gpu, confusion))
 
 
 def check_placement(p: Placement, workers_flag: str = "--workers") -> None:

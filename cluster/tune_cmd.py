@@ -14,6 +14,7 @@ from cluster.connect import capacity, check_fits, connect
 from cluster.cost import Budget, BudgetStopper, Prices, Reserved, describe, parse_prices, total
 from cluster.guard import check_run_target, safe_name_part
 from cluster.plots import importance, learning_curves, optimisation_history
+from cluster.report_cmd import LiveReport, try_write_report
 from cluster.store import ResultsStore
 from cluster.train_cmd import check_placement, evaluate_on_test
 from cluster.tune_results import BUDGET_STOPPED, COMPLETED, EARLY_STOPPED, SearchResultsCallback
@@ -118,7 +119,8 @@ def run(req: TuneRequest) -> dict:
           f"{req.search.max_epochs} epochs, {req.search.placement.workers} worker(s) per trial, {concurrent} at once, "
           f"{req.search.searcher} + {req.search.scheduler}; results in {store.uri}", flush=True)
     callback = SearchResultsCallback(store.storage, req.name, req.space, req.search.max_epochs,
-                                     Reserved.of(req.search.placement, req.search.driver_cpus), req.prices)
+                                     Reserved.of(req.search.placement, req.search.driver_cpus), req.prices,
+                                     report=LiveReport(req.space.metric, req.space.mode))
     tuner = build_tuner(req.space, base, data, req.search, store.storage, req.name, [callback], concurrent,
                         local_dir.rstrip("/") if local_dir else None, resume=req.resume,
                         progress_reporter=live_view(req.space, sort=not budget.any),
@@ -155,7 +157,9 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
         reasons = sorted({f"{r['status']}: {r.get('error') or '?'}" for r in rows})
         best = {"status": "failed", "trials": len(rows), "reasons": reasons, **spent}
         store.write_json("best.json", best)
-        print(f"raysweep tune: no trial succeeded ({len(rows)} trials):\n  " + "\n  ".join(reasons), flush=True)
+        report = _final_report(req, store)
+        print(f"raysweep tune: no trial succeeded ({len(rows)} trials):\n  " + "\n  ".join(reasons)
+              + (f"\nreport      {report}" if report else ""), flush=True)
         return best
     sign = 1 if mode == "max" else -1
     top = max(good, key=lambda r: sign * r[f"best_{metric}"])
@@ -165,15 +169,23 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
             "best_epoch": top["best_epoch"], "checkpoint": top["checkpoint"],
             **{k: top[k] for k in top if k.startswith(("best_val", "final_val"))}, **spent}
     if top["checkpoint"]:
-        best.update(evaluate_on_test(Checkpoint(top["checkpoint"]), data, req.search.placement.use_gpu))
+        best.update(evaluate_on_test(Checkpoint(top["checkpoint"]), data, req.search.placement.use_gpu,
+                                     confusion=True))
     store.write_json("best.json", best)
+    report = _final_report(req, store)
     print(leaderboard(rows, metric, mode), flush=True)
     print(f"best trial {top['trial_id']}: {metric} {top[f'best_{metric}']:.4f} at epoch {top['best_epoch']}; "
           + "  ".join(f"{k.removeprefix('test_')} {best[k]:.4f}" for k in
                       ("test_accuracy", "test_precision", "test_recall", "test_f1") if k in best), flush=True)
-    print(f"results in {store.uri}/ (trials.parquet, epochs.parquet, best.json, *.png)\n"
+    print(f"results in {store.uri}/ (trials.parquet, epochs.parquet, best.json, *.png, report.html)\n"
+          + (f"report      {report}\n" if report else "") +
           f"next        raysweep results {store.uri}", flush=True)
     return best
+
+
+def _final_report(req: TuneRequest, store: ResultsStore) -> str | None:
+    """report.html as the search ended (no more reloading); where it is, None if it failed (warned)."""
+    return try_write_report(store, False, req.space.metric, req.space.mode)
 
 
 def spending(req: TuneRequest, rows: list[dict]) -> dict:

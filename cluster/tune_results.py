@@ -119,13 +119,15 @@ class SearchResultsCallback(tune.Callback):
 
     reserved = Reserved(cpus=0.0)  # class defaults: a search pickled before these existed resumes
     prices: Prices | None = None
+    report = None
 
     def __init__(self, storage: str, name: str, space: SearchSpace, max_epochs: int,
-                 reserved: Reserved | None = None, prices: Prices | None = None):
+                 reserved: Reserved | None = None, prices: Prices | None = None, report=None):
         """``reserved``: what each trial holds (``Reserved.of(placement, driver_cpus)``);
-        ``prices``: to fill the ``cost`` column."""
+        ``prices``: to fill the ``cost`` column; ``report(store)``: redraws the report as each
+        trial ends (``cluster.report_cmd.LiveReport``)."""
         self.storage, self.name, self.space, self.max_epochs = storage, name, space, max_epochs
-        self.reserved, self.prices = reserved or Reserved(cpus=0.0), prices
+        self.reserved, self.prices, self.report = reserved or Reserved(cpus=0.0), prices, report
         self._store: ResultsStore | None = None
 
     def __getstate__(self):  # Tune pickles callbacks into its experiment state
@@ -245,6 +247,8 @@ class SearchResultsCallback(tune.Callback):
         rec.wall_seconds = (now or time.time()) - rec.started
         self._write_trials()
         print(self.describe(rec), flush=True)
+        if self.report is not None:
+            self.report(self.store)
 
     def describe(self, rec: TrialRecord) -> str:
         m = self.space.metric

@@ -78,9 +78,12 @@ def model_from_state(state: dict, device: torch.device | str = "cpu") -> tuple[M
     return model, cfg, meta
 
 
-def evaluate_state(state: dict, split, device: torch.device | str = "cpu", prefix: str = "test") -> dict:
+def evaluate_state(state: dict, split, device: torch.device | str = "cpu", prefix: str = "test",
+                   confusion: bool = False) -> dict:
     """Accuracy and macro precision/recall/F1 of a checkpoint (one process) on ``split``:
-    an in-memory ``Split``, or a Ray Dataset of a streamed set."""
+    an in-memory ``Split``, or a Ray Dataset of a streamed set. With ``confusion``, also
+    ``<prefix>_confusion_matrix`` (``[true][predicted]`` counts, plain lists for JSON) and
+    ``<prefix>_classes`` (the class names, in the matrix's order)."""
     device = torch.device(device)
     model, cfg, meta = model_from_state(state, device)
     if isinstance(split, Split):
@@ -89,4 +92,7 @@ def evaluate_state(state: dict, split, device: torch.device | str = "cpu", prefi
         batches = torch_batches(split, 1024, device)
     precision = resolve_precision(cfg.train.precision, device)
     loss_sum, cm = evaluate(model, batches, cfg, len(meta["classes"]), precision, device)
-    return reduce_validation(loss_sum, cm, prefix)
+    scores = reduce_validation(loss_sum, cm, prefix)
+    if confusion:
+        scores |= {f"{prefix}_confusion_matrix": cm.cpu().tolist(), f"{prefix}_classes": list(meta["classes"])}
+    return scores
