@@ -181,7 +181,7 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
     _draw(req, store, trials, epochs, good, metric, mode)
     spent = spending(req, rows, (store.read_json(STOP_FILE) or {}).get("stop_reason"))
     if not good:
-        reasons = sorted({f"{r['status']}: {r.get('error') or '?'}" for r in rows})
+        reasons = sorted({f"{r['status']}: {r.get('error') or '?'}" for r in rows}) or ["no trial started"]
         best = {"status": "failed", "trials": len(rows), "reasons": reasons, **spent}
         store.write_json("best.json", best)
         print(f"raysweep tune: no trial succeeded ({len(rows)} trials):\n  " + "\n  ".join(reasons), flush=True)

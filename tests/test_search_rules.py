@@ -152,3 +152,30 @@ def test_time_budget_counts_from_the_first_check_and_a_resumed_search_gets_what_
     now[0] = 504.0
     assert resumed.stop_all() and resumed.reason == "time budget of 10 s spent (--time-budget)"
     assert resumed.ledger.told == [(resumed.reason, STOPPED)] and ledger.told == []
+
+
+def test_the_ledger_records_trials_a_rule_stopped_and_why_for_best_json(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from cluster.cost import Reserved
+    from cluster.store import ResultsStore
+    from cluster.tune_cmd import TuneRequest, spending
+    from cluster.tune_results import STOP_FILE, SearchResultsCallback
+
+    space = load_space("digits_cnn")
+    ledger = SearchResultsCallback(str(tmp_path), "s", space, max_epochs=3, reserved=Reserved(cpus=1.0))
+    ledger.on_trial_start(0, [], SimpleNamespace(trial_id="t1", config={"optim.lr": 0.01, "optim.name": "adam"}))
+    rules = StopRules(parse_target("val_loss=0.1"), ledger=ledger)
+    rules("t1", {"val_loss": 0.05})
+    assert rules.stop_all()
+    store = ResultsStore(str(tmp_path), "s")
+    rows = store.read_table("trials.parquet").to_pylist()
+    assert [(r["trial_id"], r["status"]) for r in rows] == [("t1", STOPPED)]
+    reason = store.read_json(STOP_FILE)["stop_reason"]
+    assert reason == "target val_loss <= 0.1 reached by trial t1 (--target)"
+    req = TuneRequest(space, {}, SearchConfig(trials=6, budget_cpu_hours=1e-9), str(tmp_path), "s")
+    assert spending(req, rows, reason)["stop_reason"] == reason  # what a stopper recorded comes first
+    assert spending(req, rows)["stop_reason"].startswith("CPU-hours budget spent")  # as before: from the totals
+    assert spending(TuneRequest(space, {}, SearchConfig(trials=6), str(tmp_path), "s"), rows)["stop_reason"] == \
+        "all 6 trials ran (--trials)"
+    assert f"stopped: {reason}" in capsys.readouterr().out
