@@ -1,4 +1,4 @@
-"""A search: OptunaSearch (an Optuna sampler, ``search_spaces.samplers``) + ASHA over one space, one Tune trial per train run.
+"""A search: OptunaSearch (``search_spaces.samplers``) + ASHA over one space, one Tune trial per train run.
 
 A one-worker trial runs the training loop inside the Tune function itself (no
 ``TorchTrainer``: its start-up would cost more than a small trial's training). A trial of
@@ -101,8 +101,9 @@ class SearchConfig:
             except ConfigError as e:
                 out += e.problems
         t = self.time_budget_s
-        if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0):
-            out.append(f"--time-budget: {t!r} must be a duration > 0, e.g. 30m (seconds in the API: time_budget_s=1800)")
+        number = isinstance(t, (int, float)) and not isinstance(t, bool)
+        if t is not None and not (number and math.isfinite(t) and t > 0):
+            out.append(f"--time-budget: {t!r} must be a duration > 0, e.g. 30m (the API's time_budget_s: seconds)")
         return out
 
     def stop_rules(self, ledger=None) -> StopRules | None:
@@ -199,18 +200,25 @@ class GuardedOptunaSearch(OptunaSearch):
         if result.get("stop_reason") == STOP_DIVERGED:
             self._diverged.add(trial_id)
             return
+        if self._keep_best(trial_id, result):
+            super().on_trial_result(trial_id, result)
+
+    def _keep_best(self, trial_id: str, result: dict) -> bool:
+        """Whether ``result`` holds a value to learn from (the trial's best kept)."""
         value = result.get(self.metric)
         if value is None or not math.isfinite(value) or not self._open_in_study(trial_id):
-            return
+            return False
         sign = 1 if self.mode == "max" else -1
         if trial_id not in self._best or sign * (value - self._best[trial_id]) > 0:
             self._best[trial_id] = value
-        super().on_trial_result(trial_id, result)
+        return True
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         if not self._open_in_study(trial_id):
             return
         failed = error or trial_id in self._diverged or (result or {}).get("stop_reason") == STOP_DIVERGED
+        if result and not failed:  # a result a stopper ended the trial on never reached on_trial_result
+            self._keep_best(trial_id, result)
         ot_trial = self._ot_trials[trial_id]
         if failed or trial_id not in self._best:
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)

@@ -179,3 +179,13 @@ def test_the_ledger_records_trials_a_rule_stopped_and_why_for_best_json(tmp_path
     assert spending(TuneRequest(space, {}, SearchConfig(trials=6), str(tmp_path), "s"), rows)["stop_reason"] == \
         "all 6 trials ran (--trials)"
     assert f"stopped: {reason}" in capsys.readouterr().out
+
+
+def test_the_result_a_stopper_ends_a_trial_on_is_told_to_optuna():
+    """Tune skips the searcher's on_trial_result for a result whose trial it stops (a target
+    reached at the first epoch); Optuna must still get that value, not FAIL."""
+    searcher = build_searcher(load_space("digits_cnn"), SearchConfig(searcher="random"), "s", None)
+    assert searcher.suggest("t1")
+    searcher.on_trial_complete("t1", {"val_accuracy": 0.93, "epoch": 1, "done": True})
+    (trial,) = searcher._ot_study.get_trials()
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.93
