@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 
@@ -17,8 +18,10 @@ from cluster.plots import importance, learning_curves, optimisation_history
 from cluster.report_cmd import LiveReport, try_write_report
 from cluster.store import ResultsStore
 from cluster.train_cmd import check_placement, evaluate_on_test
-from cluster.tune_results import BUDGET_STOPPED, COMPLETED, EARLY_STOPPED, SearchResultsCallback
+from cluster.tune_results import BUDGET_STOPPED, COMPLETED, EARLY_STOPPED, STOP_FILE, STOPPED, SearchResultsCallback
+from search_spaces.samplers import choose
 from search_spaces.space import SearchSpace, load_space
+from search_spaces.stop_rules import parse_duration_s
 from search_spaces.tuner import SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, check_restorable, concurrency
 from trainers.config import load_run_values
 from trainers.configpaths import check_paths
@@ -26,8 +29,9 @@ from trainers.configtools import ConfigError, merge
 from trainers.streaming import DECODE_CPUS, StreamPlan, load_for_training
 from trainers.distributed import Placement
 from ray.train import Checkpoint
+from ray.tune.stopper import CombinedStopper
 
-GOOD = (COMPLETED, EARLY_STOPPED, BUDGET_STOPPED)
+GOOD = (COMPLETED, EARLY_STOPPED, BUDGET_STOPPED, STOPPED)
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,9 @@ def _arguments(p):
     p.add_argument("--gpu", action="store_true", help="GPUs for the workers")
     p.add_argument("--gpus-per-worker", type=positive_float, default=1.0, help="fractions share a GPU, e.g. 0.5")
     p.add_argument("--concurrent", type=positive_int, help="trials at once (default: as many as the cluster fits)")
-    p.add_argument("--searcher", choices=SEARCHERS, default=d.searcher)
+    p.add_argument("--searcher", choices=SEARCHERS, default=d.searcher,
+                   help="Optuna sampler: tpe, gp, qmc (Sobol), random, or auto (default: gp for 10-100 trials over "
+                   "continuous/int dimensions, else tpe); optuna is a deprecated name of tpe")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
     p.add_argument("--grace-period", type=positive_int, default=d.grace_period, help="ASHA: epochs before a trial can stop")
     p.add_argument("--reduction-factor", type=int, default=d.reduction_factor, help="ASHA: keep 1/r at each rung")
@@ -67,9 +73,20 @@ def _arguments(p):
                    "GPU-hours (GPUs x wall time): no new trial, the running ones stopped")
     p.add_argument("--budget-cpu-hours", type=positive_float, help="the same for CPU-hours")
     p.add_argument("--budget-cost", type=positive_float, help="the same for cost (needs --price)")
+    p.add_argument("--target", metavar="METRIC=VALUE", help="end the search once a trial reaches this, e.g. "
+                   "val_accuracy=0.95 (val_loss: at or below)")
+    p.add_argument("--time-budget", type=_duration, metavar="30m", help="start no trial after this much wall time "
+                   "and stop the running ones at it (s, m or h)")
 
 
-@command("tune", "search hyperparameters with Ray Tune + Optuna (TPE) and ASHA")(_arguments)
+def _duration(text: str) -> float:
+    try:
+        return parse_duration_s(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(e.problems[0].removeprefix("--time-budget: ")) from None
+
+
+@command("tune", "search hyperparameters with Ray Tune + Optuna (TPE, GP, QMC) and ASHA")(_arguments)
 def _tune(args) -> int:
     space = load_space(args.space)
     user = load_run_values(args.config, args.overrides)
@@ -80,7 +97,8 @@ def _tune(args) -> int:
                           reduction_factor=args.reduction_factor, concurrent=args.concurrent, seed=args.seed,
                           placement=placement, trial_max_failures=args.trial_retries,
                           budget_gpu_hours=args.budget_gpu_hours, budget_cpu_hours=args.budget_cpu_hours,
-                          budget_cost=args.budget_cost).validate()
+                          budget_cost=args.budget_cost, target=args.target,
+                          time_budget_s=args.time_budget).validate()
     prices = parse_prices(args.price)
     if args.resume and args.name is None:
         raise ConfigError(["--resume: name the search to continue with --name NAME"])
@@ -115,24 +133,35 @@ def run(req: TuneRequest) -> dict:
     concurrent = concurrency(req.search, {**resources, "CPU": resources.get("CPU", 0.0) - reserve})
     check_fits(req.search.placement, concurrent=1, driver_cpus=req.search.driver_cpus, reserve_cpus=reserve)
     local_dir = store.local_path("")
+    search = _sampler_chosen(req) if not req.resume else req.search  # a resumed search keeps its own
     print(f"raysweep tune: {req.name}: space {req.space.name}, {req.search.trials} trials x up to "
           f"{req.search.max_epochs} epochs, {req.search.placement.workers} worker(s) per trial, {concurrent} at once, "
-          f"{req.search.searcher} + {req.search.scheduler}; results in {store.uri}", flush=True)
+          f"{search.searcher} + {req.search.scheduler}; results in {store.uri}", flush=True)
     callback = SearchResultsCallback(store.storage, req.name, req.space, req.search.max_epochs,
                                      Reserved.of(req.search.placement, req.search.driver_cpus), req.prices,
                                      report=LiveReport(req.space.metric, req.space.mode))
-    tuner = build_tuner(req.space, base, data, req.search, store.storage, req.name, [callback], concurrent,
+    stoppers = [s for s in (BudgetStopper(budget, callback) if budget.any else None,
+                            req.search.stop_rules(callback)) if s is not None]
+    tuner = build_tuner(req.space, base, data, search, store.storage, req.name, [callback], concurrent,
                         local_dir.rstrip("/") if local_dir else None, resume=req.resume,
-                        progress_reporter=live_view(req.space, sort=not budget.any),
-                        stopper=BudgetStopper(budget, callback) if budget.any else None)
+                        progress_reporter=live_view(req.space, sort=not stoppers),
+                        stopper=CombinedStopper(*stoppers) if stoppers else None)
     tuner.fit()
     return finish(req, store, data)
 
 
+def _sampler_chosen(req: TuneRequest):
+    """``req.search`` with ``auto`` (or a deprecated name) resolved, saying why once."""
+    choice = choose(req.search.searcher, req.space, req.search.trials)
+    for note in choice.notes:
+        print(f"raysweep tune: {note}", flush=True)
+    return replace(req.search, searcher=choice.name)
+
+
 def live_view(space: SearchSpace, sort: bool = True):
     """Tune's compact trial table (the classic reporter), refreshed every 15 s. ``sort``: by
-    the metric; not with a budget: Ray 2.60's reporter fails sorting a trial that a budget
-    (``Stopper.stop_all``) stopped before its first result (no metric, TypeError)."""
+    the metric; not with a budget or stop rule: Ray 2.60's reporter fails sorting a trial that
+    a stopper (``Stopper.stop_all``) stopped before its first result (no metric, TypeError)."""
     from ray.tune import CLIReporter
 
     # The newer output engine prints a box per result; the table reads better.
@@ -152,14 +181,14 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
     rows = trials.to_pylist() if trials is not None else []
     good = [r for r in rows if r["status"] in GOOD and r.get(f"best_{metric}") is not None]
     _draw(req, store, trials, epochs, good, metric, mode)
-    spent = spending(req, rows)
+    spent = spending(req, rows, (store.read_json(STOP_FILE) or {}).get("stop_reason"))
     if not good:
-        reasons = sorted({f"{r['status']}: {r.get('error') or '?'}" for r in rows})
+        reasons = sorted({f"{r['status']}: {r.get('error') or '?'}" for r in rows}) or ["no trial started"]
         best = {"status": "failed", "trials": len(rows), "reasons": reasons, **spent}
         store.write_json("best.json", best)
         report = _final_report(req, store)
-        print(f"raysweep tune: no trial succeeded ({len(rows)} trials):\n  " + "\n  ".join(reasons)
-              + (f"\nreport      {report}" if report else ""), flush=True)
+        print(f"raysweep tune: no trial succeeded ({len(rows)} trials):\n  " + "\n  ".join(reasons), flush=True)
+        print(f"search ended: {best['stop_reason']}" + (f"\nreport      {report}" if report else ""), flush=True)
         return best
     sign = 1 if mode == "max" else -1
     top = max(good, key=lambda r: sign * r[f"best_{metric}"])
@@ -177,6 +206,8 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
     print(f"best trial {top['trial_id']}: {metric} {top[f'best_{metric}']:.4f} at epoch {top['best_epoch']}; "
           + "  ".join(f"{k.removeprefix('test_')} {best[k]:.4f}" for k in
                       ("test_accuracy", "test_precision", "test_recall", "test_f1") if k in best), flush=True)
+    # The last lines: why it ended, then where to look (the report, and the one command)
+    print(f"search ended: {best['stop_reason']}", flush=True)
     print(f"results in {store.uri}/ (trials.parquet, epochs.parquet, best.json, *.png, report.html)\n"
           + (f"report      {report}\n" if report else "") +
           f"next        raysweep results {store.uri}", flush=True)
@@ -188,14 +219,15 @@ def _final_report(req: TuneRequest, store: ResultsStore) -> str | None:
     return try_write_report(store, False, req.space.metric, req.space.mode)
 
 
-def spending(req: TuneRequest, rows: list[dict]) -> dict:
-    """The search's totals over its trials, and why a budget stopped it (printed too)."""
+def spending(req: TuneRequest, rows: list[dict], recorded: str | None = None) -> dict:
+    """The search's totals over its trials, and why it ended: the reason a stopper
+    ``recorded``, a budget it exceeded (printed too), or its trials all ran."""
     spent = total(rows)
     line = f"used {describe(spent)} over {len(rows)} trials"
-    if reason := Budget.of(req.search).exceeded(spent):
-        spent["stop_reason"] = reason
+    if reason := recorded or Budget.of(req.search).exceeded(spent):
         line += f"; stopped: {reason}"
     print(line, flush=True)
+    spent["stop_reason"] = reason or f"all {req.search.trials} trials ran (--trials)"
     return spent
 
 

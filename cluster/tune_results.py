@@ -19,6 +19,7 @@ from cluster.cost import USAGE_KEYS, Prices, Reserved, total, usage
 from cluster.store import ResultsStore
 from cluster.tables import EPOCHS_SCHEMA, EpochLog
 from search_spaces.space import SearchSpace
+from search_spaces.stop_rules import STOPPED
 from search_spaces.tuner import CHECKPOINT_PATH_KEY
 from trainers.distributed import checkpoint_uri
 from trainers.config import EARLY_STOP_METRICS
@@ -28,7 +29,8 @@ from trainers.loop import STOP_DIVERGED, STOP_EARLY
 COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, RUNNING = "completed", "early_stopped", "diverged", "failed", "running"
 LOST = "lost"  # started before a crash, after Tune's last snapshot: a resumed search never continues it
 BUDGET_STOPPED = "budget_stopped"  # running when the search's budget ran out (cluster.cost.BudgetStopper)
-FINAL = (COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, LOST, BUDGET_STOPPED)
+FINAL = (COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, LOST, BUDGET_STOPPED, STOPPED)  # STOPPED: by a stop rule
+STOP_FILE = "stop.json"  # why a stopper ended the search, for best.json (the stopper may be a resumed copy)
 SUMMARY_METRICS = ("val_accuracy", "val_loss", "val_f1")  # best_<m>: its best over the epochs (min for a loss)
 
 
@@ -233,13 +235,15 @@ class SearchResultsCallback(tune.Callback):
                 for r in self._records.values()]
         return total(rows)
 
-    def budget_spent(self, reason: str) -> None:
+    def budget_spent(self, reason: str, status: str = BUDGET_STOPPED) -> None:
         """Tune stops every running trial now (``Stopper.stop_all``) without calling
-        ``on_trial_complete``: they end here, at the moment the budget ran out."""
+        ``on_trial_complete``: they end here, at the moment the budget (or a stop rule,
+        ``status`` ``stopped``) ended the search."""
         print(f"raysweep tune: {reason}; no new trials, stopping the running ones", flush=True)
         _, now = self.store, time.time()
+        self.store.write_json(STOP_FILE, {"stop_reason": reason})
         for rec in [r for r in self._records.values() if r.status == RUNNING]:
-            rec.status = BUDGET_STOPPED
+            rec.status = status
             self._finish(rec, now)
 
     # --- writing -----------------------------------------------------------------

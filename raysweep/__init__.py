@@ -72,9 +72,10 @@ def tune(space: str | Path, config: str | Path | Mapping | None = None, *, overr
     """`raysweep tune`: a search over ``space`` (a shipped space's name or a YAML file).
     ``search`` takes ``SearchConfig``'s fields: trials, max_epochs, searcher, scheduler,
     grace_period, reduction_factor, concurrent, seed, trial_max_failures, budget_gpu_hours,
-    budget_cpu_hours, budget_cost (needs ``prices``). Returns ``best.json`` (``status``, the
-    best trial's values, metrics and checkpoint, the search's ``cpu_seconds``,
-    ``gpu_seconds``, ``cost`` and ``stop_reason`` when a budget stopped it)."""
+    budget_cpu_hours, budget_cost (needs ``prices``), target (``"val_accuracy=0.95"``),
+    time_budget_s; searcher is one of auto (the default), tpe, gp, qmc, random. Returns
+    ``best.json`` (``status``, the best trial's values, metrics and checkpoint, the search's
+    ``cpu_seconds``, ``gpu_seconds``, ``cost`` and ``stop_reason``, why it ended)."""
     import time
 
     from cluster import tune_cmd

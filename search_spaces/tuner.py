@@ -1,4 +1,4 @@
-"""A search: OptunaSearch (TPE, or random) + ASHA over one space, one Tune trial per train run.
+"""A search: OptunaSearch (``search_spaces.samplers``) + ASHA over one space, one Tune trial per train run.
 
 A one-worker trial runs the training loop inside the Tune function itself (no
 ``TorchTrainer``: its start-up would cost more than a small trial's training). A trial of
@@ -24,7 +24,9 @@ from ray.train import UserCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from search_spaces.samplers import SAMPLERS, SEARCHERS, build_sampler, choose
 from search_spaces.space import SearchSpace
+from search_spaces.stop_rules import StopRules, parse_target
 from trainers.checkpoints import load_state, save_state
 from trainers.configtools import ConfigError
 from trainers.data import ImageData
@@ -32,7 +34,6 @@ from trainers.distributed import Placement, checkpoint_uri, run_training, times_
 from trainers.loop import STOP_DIVERGED, StreamedInputs, WorkerContext, fit
 from trainers.streaming import StreamPlan, build_dataset
 
-SEARCHERS = ("optuna", "random")
 SCHEDULERS = ("asha", "none")
 CHECKPOINT_PATH_KEY = "checkpoint_path"
 DRIVER_MEMORY_BYTES = 64 * 2**20  # a trial's process: Tune's function, or Ray Train's controller
@@ -44,7 +45,7 @@ class SearchConfig:
 
     trials: int = 12
     max_epochs: int = 8
-    searcher: str = "optuna"
+    searcher: str = "auto"  # search_spaces.samplers: tpe, gp, qmc, random, or auto (from space and trials)
     scheduler: str = "asha"
     grace_period: int = 2
     reduction_factor: int = 3
@@ -57,6 +58,9 @@ class SearchConfig:
     budget_gpu_hours: float | None = None
     budget_cpu_hours: float | None = None
     budget_cost: float | None = None
+    # Stop rules (search_spaces.stop_rules): "METRIC=VALUE" reached by a trial; wall seconds.
+    target: str | None = None
+    time_budget_s: float | None = None
 
     def problems(self) -> list[str]:
         out = []
@@ -86,7 +90,28 @@ class SearchConfig:
                             ("--budget-cpu-hours", self.budget_cpu_hours), ("--budget-cost", self.budget_cost)):
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 out.append(f"{flag}: {value!r} must be a finite number > 0 (or left out: no budget)")
+        out += self._stop_rule_problems()
         return out
+
+    def _stop_rule_problems(self) -> list[str]:
+        out = []
+        if self.target is not None:
+            try:
+                parse_target(self.target)
+            except ConfigError as e:
+                out += e.problems
+        t = self.time_budget_s
+        number = isinstance(t, (int, float)) and not isinstance(t, bool)
+        if t is not None and not (number and math.isfinite(t) and t > 0):
+            out.append(f"--time-budget: {t!r} must be a duration > 0, e.g. 30m (the API's time_budget_s: seconds)")
+        return out
+
+    def stop_rules(self, ledger=None) -> StopRules | None:
+        """The stopper of ``target`` and ``time_budget_s``; None when neither is set."""
+        if self.target is None and self.time_budget_s is None:
+            return None
+        target = parse_target(self.target) if self.target is not None else None
+        return StopRules(target, self.time_budget_s, ledger)
 
     def validate(self) -> "SearchConfig":
         if problems := self.problems():
@@ -175,18 +200,25 @@ class GuardedOptunaSearch(OptunaSearch):
         if result.get("stop_reason") == STOP_DIVERGED:
             self._diverged.add(trial_id)
             return
+        if self._keep_best(trial_id, result):
+            super().on_trial_result(trial_id, result)
+
+    def _keep_best(self, trial_id: str, result: dict) -> bool:
+        """Whether ``result`` holds a value to learn from (the trial's best kept)."""
         value = result.get(self.metric)
         if value is None or not math.isfinite(value) or not self._open_in_study(trial_id):
-            return
+            return False
         sign = 1 if self.mode == "max" else -1
         if trial_id not in self._best or sign * (value - self._best[trial_id]) > 0:
             self._best[trial_id] = value
-        super().on_trial_result(trial_id, result)
+        return True
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         if not self._open_in_study(trial_id):
             return
         failed = error or trial_id in self._diverged or (result or {}).get("stop_reason") == STOP_DIVERGED
+        if result and not failed:  # a result a stopper ended the trial on never reached on_trial_result
+            self._keep_best(trial_id, result)
         ot_trial = self._ot_trials[trial_id]
         if failed or trial_id not in self._best:
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
@@ -208,11 +240,11 @@ def optuna_storage(experiment_dir: str | None):
 
 
 def build_searcher(space: SearchSpace, search: SearchConfig, study_name: str, experiment_dir: str | None):
-    sampler = (optuna.samplers.TPESampler(seed=search.seed) if search.searcher == "optuna"
-               else optuna.samplers.RandomSampler(seed=search.seed))
+    """``search.searcher``'s sampler (``auto`` and aliases resolved; the caller prints why)."""
+    choice = choose(search.searcher, space, search.trials)
     return GuardedOptunaSearch(
-        space=space.define_by_run(), metric=space.metric, mode=space.mode, sampler=sampler,
-        points_to_evaluate=[space.default_point()] if search.searcher == "optuna" else None,
+        space=space.define_by_run(), metric=space.metric, mode=space.mode, sampler=build_sampler(choice, search.seed),
+        points_to_evaluate=[space.default_point()] if SAMPLERS[choice.name].first_point else None,
         study_name=study_name, storage=optuna_storage(experiment_dir),
     )
 

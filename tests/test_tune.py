@@ -226,6 +226,20 @@ def test_a_cpu_hours_budget_stops_the_search_and_records_why(tmp_path, capsys):
     assert f"next        raysweep results {tmp_path / 'budget'}" in out  # the one line to look at them
 
 
+def test_a_target_ends_the_search_once_a_trial_reaches_it(tmp_path, capsys):
+    """The default point (the first trial) reaches 50% on digits within 3 epochs; the
+    search then ends instead of running its 6 trials."""
+    assert _tune(tmp_path, "target", "--space", "digits_cnn", "--trials", "6", "--max-epochs", "3", "--scheduler",
+                 "none", "--concurrent", "1", "--searcher", "tpe", "--target", "val_accuracy=0.5") == 0
+    out = capsys.readouterr().out
+    trials = _trials(tmp_path / "target")
+    assert 1 <= len(trials) < 6 and max(t["best_val_accuracy"] for t in trials) >= 0.5, trials
+    best = json.loads((tmp_path / "target" / "best.json").read_text())
+    assert best["stop_reason"] == f"target val_accuracy >= 0.5 reached by trial {best['trial_id']} (--target)"
+    lines = out.rstrip().splitlines()
+    assert lines[-4] == f"search ended: {best['stop_reason']}" and lines[-1].startswith("next        raysweep results")
+
+
 def test_trials_schema_is_pinned():
     schema = trials_schema(load_space("digits_cnn"))
     expected = pa.schema([
