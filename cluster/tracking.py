@@ -225,7 +225,7 @@ class Tracker:
 
 
 def warn(backend: str, where: str, error: BaseException) -> None:
-    reason = str(error).strip().splitlines()[-1][:300] if str(error).strip() else ""
+    reason = str(error).strip().splitlines()[-1][:600] if str(error).strip() else ""
     print(f"raysweep: warning: {backend} logging to {where} stopped ({type(error).__name__}: {reason}); "
           "the run goes on and its results are in the Parquet tables", file=sys.stderr, flush=True)
 

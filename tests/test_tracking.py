@@ -128,6 +128,10 @@ def test_a_missing_extra_is_refused_with_what_to_install(tmp_path, monkeypatch, 
     assert "--mlflow: needs the mlflow package" in err and "pip install 'raysweep[mlflow]'" in err
     assert "--tensorboard: 's3://b/tb' is a URI" in err
     assert not (tmp_path / "x").exists()
+    import raysweep  # the API refuses the same way, before any Ray or data work
+
+    with pytest.raises(raysweep.ConfigError, match=r"pip install 'raysweep\[mlflow\]'"):
+        raysweep.train(mlflow=True, workers=1, storage=str(tmp_path), name="api")
     problems = TrackingOptions(tensorboard="").problems("s3://bucket/runs")
     assert problems and "name a local directory" in problems[0]
 
