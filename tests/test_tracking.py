@@ -132,6 +132,9 @@ def test_a_missing_extra_is_refused_with_what_to_install(tmp_path, monkeypatch, 
 
     with pytest.raises(raysweep.ConfigError, match=r"pip install 'raysweep\[mlflow\]'"):
         raysweep.train(mlflow=True, workers=1, storage=str(tmp_path), name="api")
+    import ray
+
+    assert not ray.is_initialized(), "a refused request started Ray"
     problems = TrackingOptions(tensorboard="").problems("s3://bucket/runs")
     assert problems and "name a local directory" in problems[0]
 
