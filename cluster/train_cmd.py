@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 import ray.train
@@ -40,7 +40,7 @@ class TrainRequest:
     address: str | None = None
     resume: bool = False  # continue the run at <storage>/<name>; without it that name must be new
     prices: Prices | None = None  # fills summary.json's cost
-    tracking: TrackingOptions = TrackingOptions()  # MLflow / TensorBoard (cluster.tracking)
+    tracking: TrackingOptions = field(default_factory=TrackingOptions)  # MLflow / TensorBoard (cluster.tracking)
 
 
 def default_name(cfg: TrainRunConfig, kind: str = "train") -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -40,7 +40,7 @@ class TuneRequest:
     address: str | None = None
     resume: bool = False  # continue the search at <storage>/<name>; without it that name must be new
     prices: Prices | None = None  # fills the cost columns and totals; needed by a cost budget
-    tracking: TrackingOptions = TrackingOptions()  # MLflow / TensorBoard (cluster.tracking)
+    tracking: TrackingOptions = field(default_factory=TrackingOptions)  # MLflow / TensorBoard (cluster.tracking)
 
 
 def _arguments(p):
