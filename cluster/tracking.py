@@ -328,7 +328,7 @@ def track_search_end(tracker: Tracker, store, space, base: dict, best: dict) -> 
     tracker.close("", "completed" if best.get("status") == "ok" else "failed", best, files, best.get("checkpoint"))
 
 
-def track_train_end(tracker: Tracker, store, summary: dict) -> None:
+def track_train_end(tracker: Tracker | None, store, summary: dict) -> None:
     """A train run's epochs from ``history.parquet`` (Ray Train's callbacks run in its
     controller, not on the driver, so the driver logs them when the run ends), then its end."""
     if not tracker:

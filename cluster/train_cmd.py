@@ -131,7 +131,8 @@ def _describe(data: ImageData | StreamPlan) -> str:
     return f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test images"
 
 
-def _finish(store: ResultsStore, summary: dict, started: float, req: TrainRequest, tracker: Tracker) -> None:
+def _finish(store: ResultsStore, summary: dict, started: float, req: TrainRequest,
+            tracker: Tracker | None = None) -> None:
     summary["wall_seconds"] = round(time.time() - started, 2)
     # What the workers reserved (Ray Train's controller takes no CPU) over the run's wall time.
     summary.update(usage(Reserved.of(req.placement), summary["wall_seconds"], req.prices))
