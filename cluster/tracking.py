@@ -317,7 +317,8 @@ def track_search_end(tracker: Tracker, store, space, base: dict, best: dict) -> 
         tid = row["trial_id"]
         if tid not in tracker.open_keys and tid not in tracker.closed:
             point = {d.key: row[param_column(d.key)] for d in space.dimensions if row.get(param_column(d.key)) is not None}
-            tracker.open(tid, tid, trial_params(space, base, point), {"raysweep.trial_id": tid}, parent="")
+            tracker.open(tid, tid, trial_params(space, base, point),
+                         {"raysweep.trial_id": tid, "raysweep.logged_from": "tables"}, parent="")
             for e in sorted(by_trial.get(tid, []), key=lambda e: e["epoch"]):
                 tracker.epoch(tid, epoch_metrics(e), int(e["epoch"]))
         tracker.close(tid, row["status"], row, {"summary.json": _json(row)}, row.get("checkpoint"))

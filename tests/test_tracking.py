@@ -139,6 +139,34 @@ def test_a_missing_extra_is_refused_with_what_to_install(tmp_path, monkeypatch, 
     assert problems and "name a local directory" in problems[0]
 
 
+def test_trials_the_search_did_not_see_live_are_logged_whole_from_the_tables(tmp_path):
+    """A resumed search's trials (its callback comes back from Tune's pickle without the
+    tracker) and budget-stopped ones (no Tune event) are logged from the tables at the end."""
+    import pyarrow as pa
+
+    from cluster.store import ResultsStore
+    from cluster.tables import EPOCHS_SCHEMA
+    from cluster.tracking import track_search_end
+    from cluster.tune_results import trials_schema
+    from search_spaces.space import load_space
+
+    space, store = load_space("digits_cnn"), ResultsStore(str(tmp_path), "s")
+    trials = [{"trial_id": "a", "status": "budget_stopped", "optim_lr": 0.003, "best_val_accuracy": 0.5},
+              {"trial_id": "b", "status": "completed", "optim_lr": 0.01, "best_val_accuracy": 0.75}]
+    store.write_table("trials.parquet", pa.Table.from_pylist(trials, trials_schema(space)))
+    store.write_table("epochs.parquet", pa.Table.from_pylist(
+        [{"trial_id": "a", "epoch": 1, "val_accuracy": 0.5}, {"trial_id": "b", "epoch": 1, "val_accuracy": 0.5},
+         {"trial_id": "b", "epoch": 2, "val_accuracy": 0.75}], EPOCHS_SCHEMA))
+    tracker = open_tracker(TrackingOptions(tensorboard=""), store.uri, store.local_path(""), "s")
+    tracker.open("", "s", {}, {})
+    tracker.open("b", "b", {}, {}, parent="")  # seen live, then the driver ended before its end
+    track_search_end(tracker, store, space, {}, {"status": "ok", "best_val_accuracy": 0.75})
+    assert not tracker.open_keys and tracker.closed == {"", "a", "b"}
+    assert _scalars(tmp_path / "s" / "tensorboard" / "a", "val_accuracy")[0] == {1: 0.5}
+    _, acc = _scalars(tmp_path / "s" / "tensorboard" / "b", "hparam/best_val_accuracy")
+    assert acc.Scalars("hparam/best_val_accuracy")[0].value == 0.75
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_a_small_search_and_a_train_logged_to_both_match_the_tables(in_tmp):
     uri = f"sqlite:///{in_tmp}/mlflow.db"
@@ -157,6 +185,7 @@ def test_a_small_search_and_a_train_logged_to_both_match_the_tables(in_tmp):
     for row in pq.read_table(in_tmp / "s" / "epochs.parquet").to_pylist():
         child = runs[row["trial_id"]]
         assert child.data.tags["mlflow.parentRunId"] == parent
+        assert "raysweep.logged_from" not in child.data.tags  # logged live, from Tune's events
         assert child.data.tags["raysweep.status"] == "completed" and child.info.status == "FINISHED"
         steps = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "val_loss")}
         assert steps[row["epoch"]] == pytest.approx(row["val_loss"])
