@@ -8,14 +8,14 @@ import json
 import socket
 import time
 
+# The dev extra installs both (setup.py): a missing one fails here rather than skipping.
+import mlflow
 import pyarrow.parquet as pq
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from cluster.cli import main
 from cluster.tracking import MLFLOW_HTTP_BOUNDS, TrackingOptions, open_tracker
-
-mlflow = pytest.importorskip("mlflow")
-event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
 @pytest.fixture
