@@ -24,6 +24,12 @@ setup(
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "duckdb", "polars",
                             # 5.2.2: pyarrow's S3 writes fail on 5.2.1 (getmoto/moto#10055)
                             "moto[server]>=5.2.2", "boto3",
-                            "optuna-dashboard"]},  # tests docs/tune.md's claim that it opens a search's journal
+                            "optuna-dashboard",  # tests docs/tune.md's claim that it opens a search's journal
+                            # the tracking extras, and TensorBoard's event reader for their tests
+                            "mlflow-skinny>=3.0", "tensorboardX>=2.6", "tensorboard>=2.14"],
+                    # MLflow's client (a server or a local sqlite store); `pip install mlflow` adds its UI
+                    "mlflow": ["mlflow-skinny>=3.0"],
+                    # the event writer (numpy + protobuf); `pip install tensorboard` to view the logs
+                    "tensorboard": ["tensorboardX>=2.6"]},
     entry_points={"console_scripts": ["raysweep=cluster.cli:main"]},
 )

@@ -73,6 +73,19 @@ def add_price(p: argparse.ArgumentParser) -> None:
                    "a key left out costs 0): fills the cost column and totals")
 
 
+def add_tracking(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mlflow", nargs="?", const="", metavar="URI", help="log runs to MLflow (a tracking URI such as "
+                   "http://host:5000 or sqlite:///mlflow.db; none: MLflow's default store); needs raysweep[mlflow]")
+    p.add_argument("--tensorboard", nargs="?", const="", metavar="DIR", help="write TensorBoard event files (default "
+                   "<storage>/<name>/tensorboard; DIR: DIR/<name>); needs raysweep[tensorboard]")
+
+
+def tracking_options(args):
+    from cluster.tracking import TrackingOptions
+
+    return TrackingOptions(mlflow=args.mlflow, tensorboard=args.tensorboard)
+
+
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     add_config(p)
     add_common(p)
@@ -80,6 +93,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-worker", type=positive_float, default=1.0, help="CPUs each worker takes (> 0)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl); refused where there is none")
     add_price(p)
+    add_tracking(p)
 
 
 @command("train", "train one model data-parallel on Ray Train")(_train_arguments)
@@ -97,7 +111,7 @@ def _train(args) -> int:
         raise ConfigError(["--resume: name the run to continue with --name NAME"])
     name = train_cmd.default_name(cfg) if args.name is None else args.name  # "" is refused, not defaulted
     req = train_cmd.TrainRequest(cfg, placement, args.storage, name, args.address, resume=args.resume,
-                                 prices=parse_prices(args.price))
+                                 prices=parse_prices(args.price), tracking=tracking_options(args))
     summary = train_cmd.run(req)
     return EXIT_OK if summary["status"] in (train_cmd.COMPLETED, train_cmd.EARLY_STOPPED) else EXIT_FAILED
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 import ray.train
@@ -15,6 +15,7 @@ from cluster.cost import Prices, Reserved, describe, usage
 from cluster.guard import check_run_target
 from cluster.plots import training_curves
 from cluster.store import ResultsStore
+from cluster.tracking import Tracker, TrackingOptions, flatten, open_tracker, track_train_end
 from trainers.checkpoints import evaluate_state, load_state
 from trainers.config import TrainRunConfig
 from trainers.configtools import ConfigError, clean_error
@@ -39,6 +40,7 @@ class TrainRequest:
     address: str | None = None
     resume: bool = False  # continue the run at <storage>/<name>; without it that name must be new
     prices: Prices | None = None  # fills summary.json's cost
+    tracking: TrackingOptions = field(default_factory=TrackingOptions)  # MLflow / TensorBoard (cluster.tracking)
 
 
 def default_name(cfg: TrainRunConfig, kind: str = "train") -> str:
@@ -87,6 +89,7 @@ def run(req: TrainRequest, data: ImageData | None = None) -> dict:
     check_placement(req.placement)
     check_paths([req.cfg])  # the files the config names: before Ray starts, like the rest
     store = check_run_target(req.storage, req.name, req.resume, "train")  # before Ray starts
+    tracker = open_tracker(req.tracking, store.uri, store.local_path(""), req.name)
     data = data or load_for_training(req.cfg)  # before Ray starts: data errors come first
     streamed = isinstance(data, StreamPlan)
     connect(req.address, dashboard=EMBEDDED_DASHBOARD)
@@ -97,12 +100,14 @@ def run(req: TrainRequest, data: ImageData | None = None) -> dict:
           f"{req.placement.workers} worker(s){' on GPU' if req.placement.use_gpu else ''}; results in {store.uri}",
           flush=True)
     summary = {"name": req.name, "config": req.cfg.to_dict(), "workers": req.placement.workers}
+    tracker.open("", req.name, flatten({**summary["config"], "placement": vars(req.placement)}),
+                 {"raysweep.kind": "train"})
     try:
         result = run_training(req.cfg, data_ref, req.placement, store.storage, req.name,
                               callbacks=[TrainHistoryCallback(store.storage, req.name)])
     except ray.train.TrainingFailedError as e:
         summary.update(status=FAILED, error=f"{type(e).__name__}: {clean_error(str(e))}")
-        _finish(store, summary, started, req)
+        _finish(store, summary, started, req, tracker)
         return summary
     history = store.read_table("history.parquet")
     last = store.read_json("progress.json") or {}  # Result.metrics is the last checkpoint's
@@ -116,7 +121,7 @@ def run(req: TrainRequest, data: ImageData | None = None) -> dict:
         summary["checkpoint"] = checkpoint_uri(checkpoint)
     if history is not None and history.num_rows:
         store.write_bytes("curves.png", training_curves(history, title=req.name))
-    _finish(store, summary, started, req)
+    _finish(store, summary, started, req, tracker)
     return summary
 
 
@@ -127,11 +132,13 @@ def _describe(data: ImageData | StreamPlan) -> str:
     return f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test images"
 
 
-def _finish(store: ResultsStore, summary: dict, started: float, req: TrainRequest) -> None:
+def _finish(store: ResultsStore, summary: dict, started: float, req: TrainRequest,
+            tracker: Tracker | None = None) -> None:
     summary["wall_seconds"] = round(time.time() - started, 2)
     # What the workers reserved (Ray Train's controller takes no CPU) over the run's wall time.
     summary.update(usage(Reserved.of(req.placement), summary["wall_seconds"], req.prices))
     store.write_json("summary.json", summary)
+    track_train_end(tracker, store, summary)
     print(format_summary(summary, store), flush=True)
 
 

@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
-from cluster.cli import (EXIT_FAILED, EXIT_OK, add_common, add_config, add_price, command, non_negative_int,
-                         positive_float, positive_int)
+from cluster.cli import (EXIT_FAILED, EXIT_OK, add_common, add_config, add_price, add_tracking, command,
+                         non_negative_int, positive_float, positive_int, tracking_options)
 from cluster.connect import capacity, check_fits, connect
 from cluster.cost import Budget, BudgetStopper, Prices, Reserved, describe, parse_prices, total
 from cluster.guard import check_run_target, safe_name_part
 from cluster.plots import importance, learning_curves, optimisation_history
 from cluster.report_cmd import LiveReport, try_write_report
 from cluster.store import ResultsStore
+from cluster.tracking import SearchTracking, TrackingOptions, open_tracker, search_params, track_search_end
 from cluster.train_cmd import check_placement, evaluate_on_test
 from cluster.tune_results import BUDGET_STOPPED, COMPLETED, EARLY_STOPPED, STOP_FILE, STOPPED, SearchResultsCallback
 from search_spaces.samplers import choose
@@ -44,6 +45,7 @@ class TuneRequest:
     address: str | None = None
     resume: bool = False  # continue the search at <storage>/<name>; without it that name must be new
     prices: Prices | None = None  # fills the cost columns and totals; needed by a cost budget
+    tracking: TrackingOptions = field(default_factory=TrackingOptions)  # MLflow / TensorBoard (cluster.tracking)
 
 
 def _arguments(p):
@@ -77,6 +79,7 @@ def _arguments(p):
                    "val_accuracy=0.95 (val_loss: at or below)")
     p.add_argument("--time-budget", type=_duration, metavar="30m", help="start no trial after this much wall time "
                    "and stop the running ones at it (s, m or h)")
+    add_tracking(p)
 
 
 def _duration(text: str) -> float:
@@ -104,7 +107,8 @@ def _tune(args) -> int:
         raise ConfigError(["--resume: name the search to continue with --name NAME"])
     name = (f"tune-{safe_name_part(space.name)}-{time.strftime('%Y%m%d-%H%M%S')}" if args.name is None
             else args.name)  # "" is refused, not defaulted
-    req = TuneRequest(space, user, search, args.storage, name, args.address, resume=args.resume, prices=prices)
+    req = TuneRequest(space, user, search, args.storage, name, args.address, resume=args.resume, prices=prices,
+                      tracking=tracking_options(args))
     best = run(req)
     return EXIT_OK if best.get("status") == "ok" else EXIT_FAILED
 
@@ -126,6 +130,7 @@ def run(req: TuneRequest) -> dict:
     store = check_run_target(req.storage, req.name, req.resume, "tune")
     if req.resume:
         check_restorable(store.uri)
+    tracker = open_tracker(req.tracking, store.uri, store.local_path(""), req.name)
     data = load_for_training(probe)
     reserve = DECODE_CPUS if isinstance(data, StreamPlan) else 0.0  # a streamed set's decode tasks
     connect(req.address)
@@ -140,14 +145,21 @@ def run(req: TuneRequest) -> dict:
     callback = SearchResultsCallback(store.storage, req.name, req.space, req.search.max_epochs,
                                      Reserved.of(req.search.placement, req.search.driver_cpus), req.prices,
                                      report=LiveReport(req.space.metric, req.space.mode))
+    callbacks = [callback, SearchTracking(tracker, callback, req.space, base)] if tracker else [callback]
     stoppers = [s for s in (BudgetStopper(budget, callback) if budget.any else None,
                             req.search.stop_rules(callback)) if s is not None]
-    tuner = build_tuner(req.space, base, data, search, store.storage, req.name, [callback], concurrent,
+    tuner = build_tuner(req.space, base, data, search, store.storage, req.name, callbacks, concurrent,
                         local_dir.rstrip("/") if local_dir else None, resume=req.resume,
                         progress_reporter=live_view(req.space, sort=not stoppers),
                         stopper=CombinedStopper(*stoppers) if stoppers else None)
-    tuner.fit()
-    return finish(req, store, data)
+    tracker.open("", req.name, search_params(req.space, base, search), {"raysweep.kind": "tune"})
+    best = {"status": "failed"}
+    try:
+        tuner.fit()
+        best = finish(req, store, data)
+    finally:  # every run closed, with what the tables hold, even when the search raised
+        track_search_end(tracker, store, req.space, base, best)
+    return best
 
 
 def _sampler_chosen(req: TuneRequest):

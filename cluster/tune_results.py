@@ -262,6 +262,11 @@ class SearchResultsCallback(tune.Callback):
         reason = f"  [{rec.error}]" if rec.error else ""
         return f"trial {rec.trial_id} {rec.status:<14} epochs {len(rec.epochs):>2}  {score}  {params}{reason}"
 
+    def row_of(self, trial_id: str) -> dict | None:
+        """A trial's row of ``trials.parquet`` as it stands (what the trackers log)."""
+        rec = self._records.get(trial_id) if self._store is not None else None
+        return self._row(rec) if rec else None
+
     def _write_trials(self) -> None:
         rows = [self._row(r) for r in self._records.values()]
         columns = {f.name: [row.get(f.name) for row in rows] for f in self._schema}

@@ -47,12 +47,25 @@ def _name(name: str | None, resume: bool, default: str) -> str:
     return default if name is None else name  # "" is refused by the run's checks, not defaulted
 
 
+def _tracking(mlflow: str | bool | None, tensorboard: str | bool | None):
+    """``True``: MLflow's default store / TensorBoard beside the tables; a string: a tracking
+    URI / a directory; ``None`` or ``False``: off (cluster.tracking)."""
+    from cluster.tracking import TrackingOptions
+
+    def option(value):
+        return "" if value is True else None if value in (None, False) else str(value)
+
+    return TrackingOptions(mlflow=option(mlflow), tensorboard=option(tensorboard))
+
+
 def train(config: str | Path | Mapping | None = None, *, overrides: Overrides | None = None, workers: int = 2,
           cpus_per_worker: float = 1.0, gpu: bool = False, storage: str = "./runs", name: str | None = None,
-          address: str | None = None, resume: bool = False, prices: Mapping[str, float] | str | None = None) -> dict:
+          address: str | None = None, resume: bool = False, prices: Mapping[str, float] | str | None = None,
+          mlflow: str | bool | None = None, tensorboard: str | bool | None = None) -> dict:
     """`raysweep train`: one data-parallel run. Returns its ``summary.json`` (``status``,
     test metrics, ``checkpoint`` URI, ``cpu_seconds``, ``gpu_seconds``, ``cost`` given
-    ``prices`` such as ``{"gpu_hour": 1.2, "cpu_hour": 0.05}``, ...)."""
+    ``prices`` such as ``{"gpu_hour": 1.2, "cpu_hour": 0.05}``, ...). ``mlflow``/``tensorboard``:
+    ``True`` or a tracking URI / a directory, as ``--mlflow``/``--tensorboard``."""
     from cluster import train_cmd
     from cluster.cost import parse_prices
     from trainers.config import TrainRunConfig
@@ -61,21 +74,24 @@ def train(config: str | Path | Mapping | None = None, *, overrides: Overrides | 
     cfg = TrainRunConfig.from_dict(run_values(config, overrides))  # the placement: train_cmd.check_placement
     placement = Placement(workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker)
     req = train_cmd.TrainRequest(cfg, placement, storage, _name(name, resume, train_cmd.default_name(cfg)),
-                                 address, resume=resume, prices=parse_prices(prices, "prices"))
+                                 address, resume=resume, prices=parse_prices(prices, "prices"),
+                                 tracking=_tracking(mlflow, tensorboard))
     return train_cmd.run(req)
 
 
 def tune(space: str | Path, config: str | Path | Mapping | None = None, *, overrides: Overrides | None = None,
          workers_per_trial: int = 1, cpus_per_worker: float = 1.0, gpu: bool = False, gpus_per_worker: float = 1.0,
          storage: str = "./runs", name: str | None = None, address: str | None = None, resume: bool = False,
-         prices: Mapping[str, float] | str | None = None, **search: Any) -> dict:
+         prices: Mapping[str, float] | str | None = None, mlflow: str | bool | None = None,
+         tensorboard: str | bool | None = None, **search: Any) -> dict:
     """`raysweep tune`: a search over ``space`` (a shipped space's name or a YAML file).
     ``search`` takes ``SearchConfig``'s fields: trials, max_epochs, searcher, scheduler,
     grace_period, reduction_factor, concurrent, seed, trial_max_failures, budget_gpu_hours,
     budget_cpu_hours, budget_cost (needs ``prices``), target (``"val_accuracy=0.95"``),
     time_budget_s; searcher is one of auto (the default), tpe, gp, qmc, random. Returns
     ``best.json`` (``status``, the best trial's values, metrics and checkpoint, the search's
-    ``cpu_seconds``, ``gpu_seconds``, ``cost`` and ``stop_reason``, why it ended)."""
+    ``cpu_seconds``, ``gpu_seconds``, ``cost`` and ``stop_reason``, why it ended). ``mlflow``
+    and ``tensorboard`` as in ``train``: a parent run, a child run per trial."""
     import time
 
     from cluster import tune_cmd
@@ -99,7 +115,7 @@ def tune(space: str | Path, config: str | Path | Mapping | None = None, *, overr
     searched = SearchConfig(placement=placement, **search).validate()
     default = f"tune-{safe_name_part(loaded.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
     req = tune_cmd.TuneRequest(loaded, user, searched, storage, _name(name, resume, default), address, resume=resume,
-                               prices=parse_prices(prices, "prices"))
+                               prices=parse_prices(prices, "prices"), tracking=_tracking(mlflow, tensorboard))
     return tune_cmd.run(req)
 
 
