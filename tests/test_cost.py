@@ -120,7 +120,9 @@ def test_the_budget_stops_the_search_and_the_running_trials_at_it(tmp_path, caps
     assert not stopper.stop_all() and not stopper("done", {})
     ledger._records["running"].started -= 6.0  # 20 + 12 CPU-seconds >= 30
     assert stopper.stop_all() and stopper.stop_all()  # and it stays stopped
-    assert stopper("running", {}) and stopper.reason.startswith("CPU-hours budget spent: 0.00889")
+    assert stopper("running", {}) and stopper.reason.startswith("CPU-hours budget spent: ")
+    spent_hours = float(stopper.reason.removeprefix("CPU-hours budget spent: ").split()[0])
+    assert spent_hours == pytest.approx(32 / 3600, abs=2 / 3600)  # + the moments this test takes (a busy machine)
     assert stopper.reason.endswith("of 0.00833333 (--budget-cpu-hours)")
     assert "CPU-hours budget spent" in capsys.readouterr().out
     rows = {r["trial_id"]: r for r in pq.read_table(tmp_path / "s" / "trials.parquet").to_pylist()}
