@@ -200,7 +200,8 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
         store.write_json("best.json", best)
         report = _final_report(req, store)
         print(f"raysweep tune: no trial succeeded ({len(rows)} trials):\n  " + "\n  ".join(reasons), flush=True)
-        print(f"search ended: {best['stop_reason']}" + (f"\nreport      {report}" if report else ""), flush=True)
+        print(f"search ended: {best['stop_reason']}" + (f"\nreport      {report}" if report else "")
+              + f"\nnext        raysweep results {store.uri}", flush=True)
         return best
     sign = 1 if mode == "max" else -1
     top = max(good, key=lambda r: sign * r[f"best_{metric}"])
