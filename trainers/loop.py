@@ -29,7 +29,7 @@ from trainers.metrics import all_reduce_min, all_reduce_sum, confusion_matrix, s
 from trainers.models import build_model
 from trainers.optim import Lookahead, build_optimizer
 from trainers.position import (POSITION_KEY, PREEMPTED_KEY, StepGate, capture, resume_rng, train_state,
-                               usable_position)
+                               usable_position, worst_score)
 from trainers.preprocess import preprocess_meta
 
 STOP_EARLY, STOP_DIVERGED = "early_stopped", "diverged"
@@ -338,7 +338,7 @@ def fit(cfg: TrainRunConfig, data, ctx: WorkerContext, reporter: Reporter, input
                 state = None if pos is None else train_state(plain_net, optimizer, scheduler, stopper, lookahead,
                                                              None, epoch - 1, meta) | {"position": pos}
                 reporter.report({"epoch": epoch, POSITION_KEY: stats.steps, PREEMPTED_KEY: stop,
-                                 es.metric: float("nan")}, state)  # nan: never Ray's best checkpoint
+                                 es.metric: worst_score(es.mode)}, state)
             if stop:
                 stopped_at.append(stats.steps)
             return stop

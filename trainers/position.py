@@ -14,6 +14,7 @@ also carries ``PREEMPTED_KEY`` ends a fit that a SIGTERM stopped.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Callable
@@ -27,6 +28,13 @@ PREEMPTED_KEY = "preempted"
 
 def is_position_report(metrics: dict) -> bool:
     return metrics.get(POSITION_KEY) is not None
+
+
+def worst_score(mode: str) -> float:
+    """A position's score for Ray's checkpoint ranking: never the best. Finite, because Ray
+    keeps its ranking in a JSON snapshot that turns nan and inf into null (a resumed fit then
+    failed multiplying None)."""
+    return -sys.float_info.max if mode == "max" else sys.float_info.max
 
 
 def _distributed() -> bool:
