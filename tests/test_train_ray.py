@@ -84,6 +84,30 @@ def test_a_sigterm_to_one_of_two_workers_mid_epoch_checkpoints_restarts_and_lose
     assert epochs == [1, 2]
 
 
+def test_a_streamed_epoch_resumed_from_a_position_skips_the_batches_it_had_done():
+    """docs/train.md: for a streamed set a position is a batch count, so the resumed epoch
+    keeps its length (which images Ray Data's split hands a shard is its own to decide)."""
+    import numpy as np
+    import ray
+    import torch
+
+    from trainers.config import TrainRunConfig
+    from trainers.inputs import StreamedInputs
+    from trainers.loop import WorkerContext
+    from trainers.streaming import StreamPlan
+
+    ds = ray.data.from_items([{"image": np.full((1, 2, 2), i, np.uint8), "label": i} for i in range(40)])
+    plan = StreamPlan(classes=[str(i) for i in range(40)], mean=(0.5,), std=(0.25,), shape=(1, 2, 2), train_rows=40,
+                      val_rows=0, test_rows=0, sample=torch.zeros(1, 1, 2, 2, dtype=torch.uint8))
+    inputs = StreamedInputs(plan, ds, ds, WorkerContext(), TrainRunConfig.from_dict({}))
+    whole = [y.tolist() for _, y, _ in inputs.train_batches(1, 8, torch.Generator())]
+    restored = []
+    resumed = [y.tolist() for _, y, _ in inputs.train_batches(1, 8, torch.Generator(), skip=2,
+                                                               after_order=lambda: restored.append(True))]
+    assert [len(b) for b in whole] == [8] * 5 and [len(b) for b in resumed] == [8] * 3 and restored == [True]
+    assert sorted(sum(whole, [])) == list(range(40))
+
+
 def test_an_interrupted_run_continues_where_it_stopped_with_resume(tmp_path, monkeypatch, capsys):
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAULT_ENV, f"2:{marker}")  # the worker dies before reporting epoch 2
