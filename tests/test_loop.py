@@ -1,5 +1,7 @@
 """The plain training loop, without Ray."""
 
+import threading
+
 import pytest
 import torch
 
@@ -100,3 +102,52 @@ def test_a_long_epoch_prints_its_progress(capsys):
     assert all(line.startswith("epoch   2") and line.endswith("img/s on this worker") for line in lines)
     list(with_progress(iter(batches), epoch=2, steps=3))  # the default: nothing within a minute
     assert capsys.readouterr().out == ""
+
+
+class NoticeAt(threading.Event):
+    """A preemption notice that comes at the ``at``-th step boundary, as a SIGTERM would
+    (trainers.preemption sets a real Event; this one is set by counting boundaries)."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.boundaries, self.at = 0, at
+
+    def is_set(self) -> bool:
+        self.boundaries += 1
+        if self.boundaries >= self.at:
+            self.set()
+        return super().is_set()
+
+
+def test_a_run_stopped_mid_epoch_resumes_at_the_next_batch_as_if_never_stopped():
+    """Preempted at step 2 of epoch 2, then resumed with a position checkpoint after every step:
+    the same batches, augmentations and dropout masks as one straight run, so the same weights,
+    and each epoch reported once."""
+    from trainers.position import POSITION_KEY, PREEMPTED_KEY
+
+    base = {"data": {"limit": 160}, "model": {"dropout": 0.2}, "augment": {"flip": 0.5, "crop_padding": 1},
+            "optim": {"lookahead_every": 3}, "train": {"epochs": 2, "batch_size": 32, "precision": "fp32"}}
+    cfg = _cfg(**base)
+    data = load_data(cfg.data)
+    steps = -(-int(len(data.train)) // cfg.train.batch_size)
+    straight = ListReporter()
+    fit(cfg, data, WorkerContext(), straight)
+    stopped = ListReporter()
+    last = fit(cfg, data, WorkerContext(preemption=NoticeAt(steps + 2)), stopped)
+    assert last == {"epoch": 2, POSITION_KEY: 2, PREEMPTED_KEY: True}
+    assert [m["epoch"] for m in stopped.metrics if POSITION_KEY not in m] == [1]
+    position = stopped.states[-1]["position"]
+    assert (position["epoch"], position["step"], stopped.states[-1]["epoch"]) == (2, 2, 1)
+    every_step = _cfg(**base | {"train": base["train"] | {"checkpoint_every_minutes": 1e-9}})
+    resumed = ListReporter(resume_from=stopped.states[-1])
+    fit(every_step, data, WorkerContext(), resumed)
+    epochs = [m for m in resumed.metrics if POSITION_KEY not in m]
+    assert [m["epoch"] for m in epochs] == [2]
+    positions = [(m["epoch"], m[POSITION_KEY]) for m in resumed.metrics if POSITION_KEY in m]
+    assert positions == [(2, step) for step in range(3, steps + 1)]
+    final, expected = resumed.states[-1], straight.states[-1]
+    assert final["epoch"] == expected["epoch"] == 2
+    assert all(torch.equal(final["model"][k], v) for k, v in expected["model"].items())
+    for mine, theirs in zip(epochs, straight.metrics[1:]):  # the resumed epoch's sums include the first 2 steps
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-9)
+        assert mine["train_accuracy"] == theirs["train_accuracy"] and mine["val_loss"] == theirs["val_loss"]

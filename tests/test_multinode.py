@@ -2,7 +2,7 @@
 (2 logical CPUs each, more than the machine's real cores; that is fine here).
 
 (a) data-parallel training with SPREAD places its workers on different nodes and learns as
-    well as on one node; (c) a search's trials run on different nodes; (d) a streamed set's
+    well as on one node, through a preemption (SIGTERM) drill; (c) a search's trials run on different nodes; (d) a streamed set's
     decode tasks run on a node the trainers leave free; (b) a worker node
     removed in the middle of a streamed run: it resumes from its last checkpoint on the
     nodes that remain, completes, and keeps every epoch once. (b) runs last: it takes a node away.
@@ -13,6 +13,7 @@ Where each worker ran comes from Ray's state API (actors keep their node id afte
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -27,6 +28,7 @@ from cluster.connect import free_port
 from cluster.store import ResultsStore
 from trainers.config import load_run_config
 from trainers.distributed import Placement
+from trainers.preemption import DRILL_ENV
 
 TRAIN_WORKER = "RayTrainWorker"
 CPUS_PER_NODE = 2
@@ -79,12 +81,23 @@ def _request(tmp_path, name: str, epochs: int, strategy: str = "SPREAD") -> trai
     return train_cmd.TrainRequest(cfg, Placement(workers=2, strategy=strategy), str(tmp_path), name)
 
 
-def test_spread_places_data_parallel_workers_on_different_nodes_and_learns_as_on_one(cluster, tmp_path):
+def test_spread_places_data_parallel_workers_on_different_nodes_and_learns_as_on_one(cluster, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Also the preemption drill across nodes: rank 1 gets SIGTERM at step 10 of epoch 3 (20
+    steps an epoch); the run stops there on both nodes and is fitted again from that step."""
     before = _train_workers()
+    monkeypatch.setenv(DRILL_ENV, f"50:{tmp_path / 'sigterm-sent'}")
     summary = train_cmd.run(_request(tmp_path, "spread", epochs=8))
-    ran_on = {node for actor, node in _train_workers().items() if actor not in before}
+    out = capsys.readouterr().out
+    line = re.search(r"preempted \(SIGTERM\) in epoch 3 after step (\d+), .*steps redone: (\d+)", out)
+    assert (tmp_path / "sigterm-sent").exists() and line and int(line[2]) <= 1, out[-3000:]
+    fits: dict[str, set[str]] = {}  # placement group (one per fit) -> the nodes its workers ran on
+    for actor in list_actors(filters=[("class_name", "=", TRAIN_WORKER)], limit=10_000, detail=True):
+        if actor.actor_id not in before:
+            fits.setdefault(actor.placement_group_id, set()).add(actor.node_id)
+    ran_on = set().union(*fits.values())
     print(f"workers ran on nodes {sorted(n[:8] for n in ran_on)}; test accuracy {summary['test_accuracy']:.4f}")
-    assert len(ran_on) == 2  # two workers, two nodes
+    assert len(fits) == 2 and all(len(nodes) == 2 for nodes in fits.values()), fits  # 2 fits: 2 workers, 2 nodes
     assert ran_on <= {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     # The bar one node's run of this config meets (tests/test_train_ray.py; 12 epochs there,
     # 8 here: digits passes it by epoch 8 on one node or three).

@@ -1,6 +1,7 @@
 """`raysweep train` end to end on a real local Ray (2 CPUs)."""
 
 import json
+import re
 import time
 
 import pyarrow.parquet as pq
@@ -9,6 +10,7 @@ import pytest
 from cluster.cli import main
 from cluster.tables import HISTORY_SCHEMA
 from trainers.distributed import FAULT_ENV
+from trainers.preemption import DRILL_ENV
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -61,6 +63,49 @@ def test_a_worker_that_dies_mid_run_resumes_from_its_checkpoint(tmp_path, monkey
     assert summary["status"] == "completed" and 1 <= summary["resumed_from_epoch"] <= 2
     epochs = pq.read_table(tmp_path / "fault" / "history.parquet").column("epoch").to_pylist()
     assert epochs == [1, 2, 3, 4, 5]
+
+
+def test_a_sigterm_to_one_of_two_workers_mid_epoch_checkpoints_restarts_and_loses_nothing(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """Preemption: rank 1 gets a real SIGTERM at step 10 of epoch 2 (20 steps an epoch). With
+    max_failures=0 a worker that died of it would fail the run; instead both ranks stop at
+    the next agreed step, checkpoint, and the run is fitted again from there."""
+    marker = tmp_path / "sigterm-sent"
+    monkeypatch.setenv(DRILL_ENV, f"30:{marker}")
+    code = main(["train", "--workers", "2", "--storage", str(tmp_path), "--name", "spot",
+                 "--set", "train.epochs=2", "--set", "train.max_failures=0"])
+    out = capsys.readouterr().out
+    assert code == 0 and marker.exists(), out[-3000:]
+    line = re.search(r"preempted \(SIGTERM\) in epoch 2 after step (\d+), .*steps redone: (\d+)", out)
+    assert line and 10 <= int(line[1]) <= 12 and int(line[2]) <= 1, out[-3000:]
+    summary = _summary(tmp_path / "spot")
+    assert summary["status"] == "completed" and summary["resumed_from_epoch"] == 1
+    epochs = pq.read_table(tmp_path / "spot" / "history.parquet").column("epoch").to_pylist()
+    assert epochs == [1, 2]
+
+
+def test_a_streamed_epoch_resumed_from_a_position_skips_the_batches_it_had_done():
+    """docs/train.md: for a streamed set a position is a batch count, so the resumed epoch
+    keeps its length (which images Ray Data's split hands a shard is its own to decide)."""
+    import numpy as np
+    import ray
+    import torch
+
+    from trainers.config import TrainRunConfig
+    from trainers.inputs import StreamedInputs
+    from trainers.loop import WorkerContext
+    from trainers.streaming import StreamPlan
+
+    ds = ray.data.from_items([{"image": np.full((1, 2, 2), i, np.uint8), "label": i} for i in range(40)])
+    plan = StreamPlan(classes=[str(i) for i in range(40)], mean=(0.5,), std=(0.25,), shape=(1, 2, 2), train_rows=40,
+                      val_rows=0, test_rows=0, sample=torch.zeros(1, 1, 2, 2, dtype=torch.uint8))
+    inputs = StreamedInputs(plan, ds, ds, WorkerContext(), TrainRunConfig.from_dict({}))
+    whole = [y.tolist() for _, y, _ in inputs.train_batches(1, 8, torch.Generator())]
+    restored = []
+    resumed = [y.tolist() for _, y, _ in inputs.train_batches(1, 8, torch.Generator(), skip=2,
+                                                               after_order=lambda: restored.append(True))]
+    assert [len(b) for b in whole] == [8] * 5 and [len(b) for b in resumed] == [8] * 3 and restored == [True]
+    assert sorted(sum(whole, [])) == list(range(40))
 
 
 def test_an_interrupted_run_continues_where_it_stopped_with_resume(tmp_path, monkeypatch, capsys):

@@ -280,7 +280,9 @@ class TrainConfig:
     ``precision``: ``auto`` is bf16 on GPUs and on CPUs with native bf16 (AVX-512 BF16 or
     AMX), else fp32, since bf16 is emulated, and slow, on other CPUs. ``fp16`` uses a loss
     scaler (GPUs without bf16). ``max_failures`` is how often Ray Train restarts failed
-    workers from the last checkpoint.
+    workers from the last checkpoint. ``checkpoint_every_minutes`` (0: off) adds checkpoints
+    inside long epochs, each with its position (step, data order, RNG states), so a restarted
+    run continues mid-epoch; a preempted worker (SIGTERM) checkpoints at the next step anyway.
     """
 
     epochs: int = 12
@@ -291,6 +293,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     max_failures: int = 2
     channels_last: bool = True
+    checkpoint_every_minutes: float = 0.0
 
     def problems(self) -> list[str]:
         return _drop_none(
@@ -300,6 +303,7 @@ class TrainConfig:
                 choice_problem("precision", self.precision, PRECISIONS, "precision"),
                 range_problem("checkpoint_every", self.checkpoint_every, 1),
                 range_problem("max_failures", self.max_failures, 0),
+                range_problem("checkpoint_every_minutes", self.checkpoint_every_minutes, 0),
             ]
         )
 

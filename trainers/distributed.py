@@ -31,9 +31,11 @@ from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSI
 from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
+from trainers import preemption
 from trainers.checkpoints import load_state, save_state
 from trainers.config import TrainRunConfig
 from trainers.loop import StreamedInputs, WorkerContext, fit
+from trainers.position import POSITION_KEY, PREEMPTED_KEY, is_position_report
 from trainers.process_group import torch_config
 from trainers.streaming import StreamPlan, build_datasets
 
@@ -44,7 +46,10 @@ FAULT_ENV = "RAYSWEEP_FAIL_ONCE_AT_EPOCH"
 
 
 class RayTrainReporter:
-    """Each epoch's metrics go to ``ray.train.report``; rank 0 attaches the checkpoint."""
+    """Each epoch's metrics go to ``ray.train.report``; rank 0 attaches the checkpoint.
+    So do positions inside an epoch (``trainers.position``), which the callbacks pass by."""
+
+    saves_positions = True
 
     def __init__(self, rank: int, world_size: int, fault: str | None = None):
         self.rank, self.world_size = rank, world_size
@@ -58,7 +63,8 @@ class RayTrainReporter:
             return load_state(directory)
 
     def report(self, metrics: dict, state: dict | None) -> None:
-        self._maybe_fail(metrics["epoch"])
+        if not is_position_report(metrics):
+            self._maybe_fail(metrics["epoch"])
         if state is None:
             ray.train.report(metrics)
             return
@@ -111,12 +117,16 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     ctx = WorkerContext(rank=rank, world_size=world, device=ray.train.torch.get_device(),
-                        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+                        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+                        preemption=preemption.listen(config.get("sigterm_drill"), rank, world))
     inputs = None
     if isinstance(data, StreamPlan):
         inputs = StreamedInputs(data, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"),
                                 ctx, cfg)
-    fit(cfg, data, ctx, RayTrainReporter(rank, world, config.get("fault")), inputs)
+    try:
+        fit(cfg, data, ctx, RayTrainReporter(rank, world, config.get("fault")), inputs)
+    finally:
+        preemption.stand_down()
 
 
 def times_fitting(have: float, need: float) -> int:
@@ -309,18 +319,39 @@ def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: 
     Re-running with the same ``(storage_path, name)`` resumes from the last checkpoint.
     Raises ``ray.train.TrainingFailedError`` once the workers have failed more than
     ``cfg.train.max_failures`` times. ``host_controller``: see ``LeanTorchTrainer``.
+
+    A fit that a SIGTERM stopped (``trainers.preemption``) ends on a position checkpoint;
+    it is fitted again on the same name, so it resumes there, up to ``preemption.MAX_RESTARTS``
+    times. Those stops are not failures: ``max_failures`` is left for real ones.
     """
+    callbacks = [preemption.EpochReportsOnly(cb) for cb in callbacks or []]
+    with ray_train_env():
+        for restart in range(preemption.MAX_RESTARTS + 1):
+            result = _trainer(cfg, data, placement, storage_path, name, callbacks, host_controller).fit()
+            if not (result.metrics or {}).get(PREEMPTED_KEY):
+                return result
+            # Every rank stopped right after the step it checkpointed: no step is redone.
+            print(f"raysweep: {name}: preempted (SIGTERM) in epoch {result.metrics['epoch']} after step "
+                  f"{result.metrics[POSITION_KEY]}, checkpointed there; restarting from it "
+                  f"({restart + 1}/{preemption.MAX_RESTARTS}); steps redone: 0", flush=True)
+    raise ray.train.TrainingFailedError(f"{name}: preempted {preemption.MAX_RESTARTS + 1} times in one run; "
+                                        "stopped (resume it later with --resume and the same name)")
+
+
+def _trainer(cfg: TrainRunConfig, data, placement: Placement, storage_path: str, name: str, callbacks: list,
+             host_controller: bool) -> LeanTorchTrainer:
     es = cfg.train.early_stopping
-    trainer = LeanTorchTrainer(
+    return LeanTorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.to_dict(), "data": data, "fault": os.environ.get(FAULT_ENV)},
+        train_loop_config={"run": cfg.to_dict(), "data": data, "fault": os.environ.get(FAULT_ENV),
+                           "sigterm_drill": os.environ.get(preemption.DRILL_ENV)},
         scaling_config=placement.scaling_config(),
         datasets=build_datasets(data) if isinstance(data, StreamPlan) else None,
         torch_config=torch_config(),  # the process group stays on loopback when Ray is
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
-            callbacks=callbacks or [],
+            callbacks=callbacks,
             logging_config=LoggingConfig(log_level="WARNING"),  # our callbacks print the progress
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(
@@ -329,13 +360,12 @@ def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: 
         ),
         host_controller=host_controller,
     )
-    with ray_train_env():
-        return trainer.fit()
 
 
 def best_checkpoint(result: ray.train.Result, metric: str, mode: str) -> Checkpoint | None:
     """The checkpoint with the best ``metric`` (Ray keeps it and the latest)."""
-    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(metric) == m.get(metric)]
+    scored = [(c, m) for c, m in (result.best_checkpoints or [])
+              if m.get(metric) == m.get(metric) and not is_position_report(m)]  # positions: mid-epoch
     if not scored:
         return result.checkpoint
     pick = max if mode == "max" else min

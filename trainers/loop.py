@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Protocol
@@ -18,16 +19,18 @@ from typing import Callable, Iterable, Iterator, Protocol
 import torch
 from torch import nn
 
-from trainers.augment import alternating_flips, augment_batch
+from trainers.augment import augment_batch
 from trainers.config import TrainRunConfig
-from trainers.data import ImageData, Split
+from trainers.data import ImageData
+from trainers.inputs import Batch, MemoryInputs, StreamedInputs, split_batches  # noqa: F401 (their old home)
 from trainers.losses import compute_loss, l1_penalty
 from trainers.memory import keep_freed_memory
 from trainers.metrics import all_reduce_min, all_reduce_sum, confusion_matrix, scores_from_confusion
 from trainers.models import build_model
 from trainers.optim import Lookahead, build_optimizer
+from trainers.position import (POSITION_KEY, PREEMPTED_KEY, StepGate, capture, resume_rng, train_state,
+                               usable_position, worst_score)
 from trainers.preprocess import preprocess_meta
-from trainers.streaming import torch_batches
 
 STOP_EARLY, STOP_DIVERGED = "early_stopped", "diverged"
 NEVER = 2**62  # "no bad step" in a min-reduction
@@ -46,6 +49,7 @@ class Reporter(Protocol):
 class ListReporter:
     """Keeps reports in memory: for tests and single-process use."""
 
+    saves_positions = True  # takes mid-epoch checkpoints (trainers.position); Tune's reporter does not
     resume_from: dict | None = None
     metrics: list[dict] = field(default_factory=list)
     states: list[dict] = field(default_factory=list)
@@ -65,6 +69,7 @@ class WorkerContext:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m  # DDP under Ray Train
+    preemption: threading.Event | None = None  # set on SIGTERM (trainers.preemption)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -99,12 +104,28 @@ class Normalizer(nn.Module):
 
 @dataclass
 class EpochStats:
+    """One rank's sums over an epoch's steps so far (a resumed epoch starts from a position's)."""
+
     loss_sum: torch.Tensor  # the data loss alone, as evaluate() measures it on validation
     penalty_sum: torch.Tensor  # the L1 term added to it for the gradient
     correct: torch.Tensor  # on augmented training batches, as seen by the model
-    count: torch.Tensor
+    count: int
     first_bad_step: torch.Tensor  # -1 while every loss is finite
-    seconds: float
+    seconds: float = 0.0
+    steps: int = 0
+
+    @classmethod
+    def start(cls, device: torch.device, position: dict | None = None, rank: int = 0) -> "EpochStats":
+        """Zeros, or a position's sums (all ranks' together, so on rank 0 alone)."""
+        zero = torch.zeros((), device=device, dtype=torch.float64)
+        stats = cls(zero, zero.clone(), zero.clone(), 0, torch.full((), -1, device=device, dtype=torch.long))
+        if position is not None:
+            stats.steps, stats.seconds = position["step"], position["seconds"]
+            if rank == 0:
+                loss, correct, count, penalty = position["sums"].to(device).unbind()
+                stats.loss_sum, stats.correct, stats.count, stats.penalty_sum = loss, correct, int(count), penalty
+                stats.first_bad_step.fill_(position["first_bad_step"])
+        return stats
 
 
 @dataclass
@@ -119,22 +140,19 @@ class Model:
         return self.normalize(x_uint8).contiguous(memory_format=self.memory_format)
 
 
-Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # uint8 images, labels, flips or None
 
 
 def train_one_epoch(model: Model, batches: Iterable[Batch], cfg: TrainRunConfig, optimizer, scheduler,
                     gen: torch.Generator, precision: str, device: torch.device, scaler=None,
-                    lookahead: Lookahead | None = None) -> EpochStats:
+                    lookahead: Lookahead | None = None, stats: EpochStats | None = None,
+                    at_boundary: Callable[[EpochStats], bool] | None = None) -> EpochStats:
     """One pass over this rank's batches: augment, forward, loss + L1, step. The stats keep
-    the data loss and the L1 penalty apart, so ``train_loss`` and ``val_loss`` measure the same thing."""
-    start = time.perf_counter()
+    the data loss and the L1 penalty apart, so ``train_loss`` and ``val_loss`` measure the same thing.
+    ``stats``: the sums of a resumed epoch; ``at_boundary`` runs after each step, True stops the epoch."""
+    stats = stats or EpochStats.start(device)
+    start = time.perf_counter() - stats.seconds
     model.net.train()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    penalty_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.float64)
-    count = 0
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    for step, (images, y, flips) in enumerate(batches):
+    for images, y, flips in batches:
         # Augment in NCHW and only then go channels_last: grid_sample reads NCHW about 2x faster.
         x = augment_batch(model.normalize(images), cfg.augment, gen, flips)
         x = x.contiguous(memory_format=model.memory_format)
@@ -145,7 +163,7 @@ def train_one_epoch(model: Model, batches: Iterable[Batch], cfg: TrainRunConfig,
         if cfg.optim.l1 > 0:
             penalty = cfg.optim.l1 * l1_penalty(model.net)
             loss = data_loss + penalty
-            penalty_sum += penalty.detach().double() * len(y)
+            stats.penalty_sum += penalty.detach().double() * len(y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -159,12 +177,17 @@ def train_one_epoch(model: Model, batches: Iterable[Batch], cfg: TrainRunConfig,
             lookahead.after_step()
         # Track divergence on the device: a host sync per step would stall GPUs.
         bad = ~torch.isfinite(loss.detach())
-        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-        loss_sum += data_loss.detach().double() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        count += len(y)
-    return EpochStats(loss_sum, penalty_sum, correct, torch.tensor(float(count), device=device), first_bad,
-                      time.perf_counter() - start)
+        first_bad = stats.first_bad_step
+        stats.first_bad_step = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, stats.steps), first_bad)
+        stats.loss_sum += data_loss.detach().double() * len(y)
+        stats.correct += (logits.detach().argmax(1) == y).sum()
+        stats.count += len(y)
+        stats.steps += 1
+        stats.seconds = time.perf_counter() - start
+        if at_boundary is not None and at_boundary(stats):
+            break
+    stats.seconds = time.perf_counter() - start
+    return stats
 
 
 @torch.no_grad()
@@ -181,54 +204,6 @@ def evaluate(model: Model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
         loss_sum += compute_loss(logits, y, cfg.loss).double() * len(y)
         cm += confusion_matrix(y, logits.argmax(1), num_classes)
     return loss_sum, cm
-
-
-def split_batches(split: Split, batch_size: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """An in-memory split in order, for evaluation."""
-    for start in range(0, len(split), batch_size):
-        yield split.x[start:start + batch_size], split.y[start:start + batch_size]
-
-
-class MemoryInputs:
-    """A rank's shard of an in-memory set, on its device: shuffled with ``randperm`` each
-    epoch and gathered batch by batch."""
-
-    def __init__(self, data: ImageData, ctx: "WorkerContext", cfg: TrainRunConfig):
-        train = data.train.shard(ctx.rank, ctx.world_size, equal=True)
-        val = data.val.shard(ctx.rank, ctx.world_size, equal=False)
-        self.train = Split(train.x.to(ctx.device), train.y.to(ctx.device))
-        self.val = Split(val.x.to(ctx.device), val.y.to(ctx.device))
-        self.rows, self.cfg, self.seed = len(self.train), cfg, cfg.train.seed * 100_003 + ctx.rank
-
-    def train_batches(self, epoch: int, local_batch: int, gen: torch.Generator) -> Iterator[Batch]:
-        shard = self.train
-        flips = (alternating_flips(len(shard), epoch, self.seed, shard.x.device)
-                 if self.cfg.augment.alternate_flip else None)
-        order = torch.randperm(len(shard), device=shard.x.device, generator=gen)
-        for idx in order.split(local_batch):
-            # index_select, not shard.x[idx]: advanced indexing is ~20x slower on CPU.
-            yield (shard.x.index_select(0, idx), shard.y.index_select(0, idx),
-                   None if flips is None else flips.index_select(0, idx))
-
-    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return split_batches(self.val)
-
-
-class StreamedInputs:
-    """A rank's shards of a set streamed by Ray Data (``trainers.streaming``): its train and
-    val iterators (``ray.train.get_dataset_shard``, or Datasets in a one-worker trial)."""
-
-    def __init__(self, plan, train, val, ctx: "WorkerContext", cfg: TrainRunConfig):
-        self.plan, self.train, self.val, self.ctx, self.cfg = plan, train, val, ctx, cfg
-        self.rows = max(1, math.ceil(plan.train_rows / ctx.world_size))  # for the schedule's length
-
-    def train_batches(self, epoch: int, local_batch: int, gen: torch.Generator) -> Iterator[Batch]:
-        seed = self.cfg.train.seed * 100_003 + epoch * 1009 + self.ctx.rank
-        for x, y in torch_batches(self.train, local_batch, self.ctx.device, self.cfg.data.shuffle_buffer, seed):
-            yield x, y, None
-
-    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return torch_batches(self.val, 1024, self.ctx.device)
 
 
 def reduce_validation(loss_sum: torch.Tensor, cm: torch.Tensor, prefix: str) -> dict[str, float]:
@@ -331,7 +306,7 @@ def fit(cfg: TrainRunConfig, data, ctx: WorkerContext, reporter: Reporter, input
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     es = cfg.train.early_stopping
     stopper = EarlyStopper(es.metric, es.mode, es.patience, es.min_delta)
-    first_epoch = 1
+    first_epoch, position = 1, None
     if (state := reporter.restore()) is not None:
         plain_net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -339,16 +314,40 @@ def fit(cfg: TrainRunConfig, data, ctx: WorkerContext, reporter: Reporter, input
             lookahead.load_state_dict(state["lookahead"])
         scheduler.load_state_dict(state["scheduler"])
         stopper = EarlyStopper(es.metric, es.mode, es.patience, es.min_delta, **state["early_stopping"])
-        first_epoch = state["epoch"] + 1
+        first_epoch = state["epoch"] + 1  # a position's epoch is the one it is inside
+        position = usable_position(state.get("position"), world)
     meta = checkpoint_meta(cfg, data)
+    positions = getattr(reporter, "saves_positions", False)
+    gate = StepGate(cfg.train.checkpoint_every_minutes if positions else 0.0,
+                    ctx.preemption if positions else None, device)
     metrics: dict = {}
     for epoch in range(first_epoch, cfg.train.epochs + 1):
         gen = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + epoch * 1009 + ctx.rank)
-        lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step: docs/train.md's ``lr``
-        batches = inputs.train_batches(epoch, local_batch, gen)
+        resume, position = position, None
+        lr = resume["lr"] if resume else optimizer.param_groups[0]["lr"]  # at the epoch's first step
+        batches = inputs.train_batches(epoch, local_batch, gen, skip=resume["step"] if resume else 0,
+                                       after_order=(lambda: resume_rng(resume, ctx.rank, gen, device)) if resume else None)
         if ctx.rank == 0:
             batches = with_progress(batches, epoch, steps)
-        stats = train_one_epoch(model, batches, cfg, optimizer, scheduler, gen, precision, device, scaler, lookahead)
+        stopped_at: list[int] = []
+
+        def at_boundary(stats: EpochStats) -> bool:
+            stop, due = gate.check()
+            if stop or due:  # every rank: the position's collectives and report are barriers
+                pos = capture(epoch, stats.steps, gen, stats, lr, ctx.rank, device)
+                state = None if pos is None else train_state(plain_net, optimizer, scheduler, stopper, lookahead,
+                                                             None, epoch - 1, meta) | {"position": pos}
+                reporter.report({"epoch": epoch, POSITION_KEY: stats.steps, PREEMPTED_KEY: stop,
+                                 es.metric: worst_score(es.mode)}, state)
+            if stop:
+                stopped_at.append(stats.steps)
+            return stop
+
+        stats = train_one_epoch(model, batches, cfg, optimizer, scheduler, gen, precision, device, scaler, lookahead,
+                                EpochStats.start(device, resume, ctx.rank), at_boundary if gate.active else None)
+        if stopped_at:  # preempted: the fit ends here, and the caller starts it again from the position
+            gate.close()
+            return {"epoch": epoch, POSITION_KEY: stopped_at[0], PREEMPTED_KEY: True}
         # Every epoch is evaluated, early-stopped on and checkpointed with the slow weights,
         # not only the scheduled last: a run stopped early (ASHA, patience, a cut) ends on
         # them too. Training goes on from the fast weights (put back after the report), so a
@@ -357,7 +356,8 @@ def fit(cfg: TrainRunConfig, data, ctx: WorkerContext, reporter: Reporter, input
         eval_start = time.perf_counter()
         val_metrics = reduce_validation(*evaluate(model, inputs.val_batches(), cfg, data.num_classes, precision,
                                                   device), prefix="val")
-        sums = all_reduce_sum(torch.stack([stats.loss_sum, stats.correct, stats.count.double(), stats.penalty_sum]))
+        count = torch.tensor(float(stats.count), device=device, dtype=torch.float64)
+        sums = all_reduce_sum(torch.stack([stats.loss_sum, stats.correct, count, stats.penalty_sum]))
         first_bad = all_reduce_min(torch.where(stats.first_bad_step >= 0, stats.first_bad_step, NEVER))
         metrics = {
             "epoch": epoch,
@@ -377,6 +377,7 @@ def fit(cfg: TrainRunConfig, data, ctx: WorkerContext, reporter: Reporter, input
                 f"loss became non-finite in epoch {epoch} at step {int(first_bad)} (learning rate {lr:.3g}); "
                 "lower optim.lr or add warm-up"))
             reporter.report(metrics, None)
+            gate.close()
             return metrics
         is_best = stopper.update(metrics[es.metric], epoch)
         metrics["best_epoch"] = stopper.best_epoch
@@ -386,14 +387,12 @@ def fit(cfg: TrainRunConfig, data, ctx: WorkerContext, reporter: Reporter, input
         due = last or is_best or epoch % cfg.train.checkpoint_every == 0
         state = None
         if due and ctx.rank == 0:
-            state = {"model": plain_net.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "early_stopping": stopper.state(), "epoch": epoch, "meta": meta}
-            if lookahead is not None:
-                state["lookahead"] = lookahead.state_dict(fast)
+            state = train_state(plain_net, optimizer, scheduler, stopper, lookahead, fast, epoch, meta)
         reporter.report(metrics, state)
         if fast is not None:
             lookahead.restore_fast(fast)
         if stopper.should_stop:
             break
+    gate.close()
     return metrics
+
