@@ -408,3 +408,60 @@ def test_the_rayjobs_command_is_one_raysweep_accepts():
         job_spec([a.replace("--trials", "--trails") for a in args], local_cluster=False)
     with pytest.raises(ConfigError, match="rooot"):
         load_run_values(None, [o.replace("data.root=", "data.rooot=") for o in parsed.overrides])
+
+
+# --------------------------------------------------------------------------- preemption on Kubernetes
+
+FAKE_TRAINER = """
+import signal, sys, time
+def stop(*_):  # as raysweep's workers do: finish the step, checkpoint, then end
+    time.sleep(0.5)
+    open(sys.argv[1], "w").write("SIGTERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def _fake(title: str, marker: Path):
+    """A process whose command line starts with ``title``, as Ray's retitled workers' do."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(["bash", "-c", f'exec -a "{title}" "$0" -c "$1" "$2"', sys.executable, FAKE_TRAINER,
+                             str(marker)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_the_gpu_pods_prestop_hook_tells_the_training_workers_and_waits_for_them(tmp_path):
+    """Kubernetes runs a pod's preStop hook before its SIGTERM (which goes to `ray start`,
+    not the workers). The hook, run here as the pod would, sends SIGTERM to Ray Train
+    workers only, and returns once they have ended; the grace period covers its wait."""
+    import subprocess
+    import sys
+    import time
+
+    commands = set()
+    for spec in (_cluster()["spec"], _job()["spec"]["rayClusterSpec"]):
+        pods = {name: g["template"]["spec"] for name, g in _groups(spec).items() if name.startswith("gpu")}
+        assert set(pods) == {"gpu", "gpu-spot"}
+        for pod in pods.values():
+            assert pod["terminationGracePeriodSeconds"] >= 120 + 30  # the hook's wait + Ray's drain
+            commands.add(tuple(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]))
+    (command,) = commands  # one hook, the same in both files
+    assert command[:2] == ("python", "-c")
+    trainer = _fake("ray::RayTrainWorker.run_train_fn", tmp_path / "trainer")
+    bystander = _fake("ray::IDLE", tmp_path / "idle")
+    try:
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-c", command[2]], check=True, timeout=60)
+        assert trainer.wait(timeout=1) == 0 and (tmp_path / "trainer").read_text() == "SIGTERM"
+        assert 0.4 < time.monotonic() - started < 30  # it waited for the worker to end, no longer
+        assert bystander.poll() is None and not (tmp_path / "idle").exists()
+    finally:
+        for proc in (trainer, bystander):
+            proc.kill()
+            proc.wait()
