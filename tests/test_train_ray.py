@@ -17,6 +17,7 @@ def _summary(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.smoke
 def test_digits_two_workers_learns_and_writes_results(tmp_path):
     # 4 epochs, not the default 12: learning itself is shown without Ray (tests/test_loop.py);
     # here it is that 2 DDP workers learn too, and what the run leaves behind.
