@@ -2,10 +2,8 @@
 
 A one-worker trial runs the training loop inside the Tune function itself (no
 ``TorchTrainer``: its start-up would cost more than a small trial's training). A trial of
-several workers starts a ``TorchTrainer``; where raysweep's private Ray parts are on
-(``trainers.ray_private``) its controller runs in the trial's own process and hands each
-report to Tune (``ReportToTune``), else Ray's controller actor queues them to the trial
-(``QueueReportToTune``). Results reach the caller through Tune
+several workers starts Ray's ``TorchTrainer``, whose controller actor queues each report
+to the trial (``QueueReportToTune``). Results reach the caller through Tune
 callbacks it hands down.
 """
 
@@ -22,7 +20,6 @@ import optuna
 import ray
 import torch
 from ray import tune
-from ray.train import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -139,30 +136,16 @@ def run_trial(params: dict, *, space: SearchSpace, base: dict, data: ImageData |
         fit(cfg, data, ctx, TuneReporter(), inputs)
         return
     trial_id = tune.get_context().get_trial_id()
-    hosted = ray_private.enabled()
     run_training(cfg, data if isinstance(data, StreamPlan) else ray.put(data), placement, train_storage,
-                 name=f"trial_{trial_id}", callbacks=[ReportToTune() if hosted else QueueReportToTune()],
-                 host_controller=hosted)
-
-
-class ReportToTune(UserCallback):
-    """Rank 0's metrics of each Train report go to Tune, with the checkpoint's path (Train
-    has already stored it). The trial hosts Ray Train's controller in its own thread
-    (``host_controller``), so this runs where ``tune.report`` works: no queue actor
-    between them, as Ray's ``TuneReportCallback`` needs for a controller actor."""
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        report = dict(metrics[0])
-        if checkpoint:
-            report[CHECKPOINT_PATH_KEY] = checkpoint_uri(checkpoint)
-        tune.report(report)
+                 name=f"trial_{trial_id}", callbacks=[QueueReportToTune()], in_trial=True)
 
 
 class QueueReportToTune(TuneReportCallback):
-    """The public path (controller in an actor of its own): Ray's ``TuneReportCallback``,
-    which queues rank 0's metrics to the trial, with the checkpoint as a full URI as
-    ``ReportToTune`` gives it (Ray's gives ``checkpoint.path``, which lacks the scheme on
-    remote storage)."""
+    """Ray's ``TuneReportCallback`` (its controller actor queues rank 0's metrics to the
+    trial), with the checkpoint's path as a full URI: Ray's gives ``checkpoint.path``,
+    which lacks the scheme on remote storage. (Until 2026-11-30 the trial hosted Ray
+    Train's controller in its own thread, through private parts: no gain was measured,
+    docs/internals.md.)"""
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         report = dict(metrics[0])

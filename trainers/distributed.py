@@ -166,23 +166,22 @@ def ray_train_env():
             os.environ.pop(k, None)
 
 
-def ray_trainer(*args, host_controller: bool = False, **kwargs) -> ray.train.torch.TorchTrainer:
-    """A ``TorchTrainer``: raysweep's leaner one where its private Ray parts are on
-    (``trainers.ray_private``), Ray's own otherwise (``host_controller`` is then ignored:
-    Ray runs the controller in an actor of its own)."""
-    if ray_private.enabled():
-        return ray_private.LeanTorchTrainer(*args, host_controller=host_controller, **kwargs)
+def ray_trainer(*args, in_trial: bool = False, **kwargs) -> ray.train.torch.TorchTrainer:
+    """A ``TorchTrainer``: raysweep's leaner one for a fit of its own where its private Ray
+    parts are on (``trainers.ray_private``), Ray's own otherwise and inside a Tune trial."""
+    if ray_private.enabled() and not in_trial:
+        return ray_private.LeanTorchTrainer(*args, **kwargs)
     return ray.train.torch.TorchTrainer(*args, **kwargs)
 
 
 def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: str, name: str,
-                 callbacks: list | None = None, host_controller: bool = False) -> ray.train.Result:
+                 callbacks: list | None = None, in_trial: bool = False) -> ray.train.Result:
     """Fit one model with Ray Train. ``data`` is an ``ImageData``, an object ref to one, or a
     ``StreamPlan`` (its train and val splits then stream to the workers through Ray Data).
 
     Re-running with the same ``(storage_path, name)`` resumes from the last checkpoint.
     Raises ``ray.train.TrainingFailedError`` once the workers have failed more than
-    ``cfg.train.max_failures`` times. ``host_controller``: see ``ray_private.LeanTorchTrainer``.
+    ``cfg.train.max_failures`` times. ``in_trial``: called inside a Tune trial (see ``ray_trainer``).
     """
     es = cfg.train.early_stopping
     trainer = ray_trainer(
@@ -201,7 +200,7 @@ def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: 
                 num_to_keep=1, checkpoint_score_attribute=es.metric, checkpoint_score_order=es.mode
             ),
         ),
-        host_controller=host_controller,
+        in_trial=in_trial,
     )
     with ray_train_env():
         return trainer.fit()

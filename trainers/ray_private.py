@@ -8,15 +8,16 @@ public path has), and only on the exact Ray versions where its tests passed
 environment of the process that starts Ray, ``enabled()`` is False and callers take the
 public path (``ray.train.torch.TorchTrainer``, Ray's ``TuneReportCallback``).
 
-Kept: ``LeanTorchTrainer`` (a multi-worker Tune trial hosts Ray Train's controller in its
-own actor: no controller and no queue actor per trial; no Ray Data actors for fits without
-a Ray Dataset; ``AdaptivePollController``) and ``forgive_deleted_checkpoints`` (a resumed
-search does not fail a trial over a checkpoint Tune already deleted).
+Kept: ``LeanTorchTrainer`` for `raysweep train` (no placement-group cleaner, no Ray Data
+actors for fits without a Ray Dataset, ``AdaptivePollController``: 17.8% less epoch time
+than Ray's ``TorchTrainer`` side by side, docs/internals.md), ``forgive_deleted_checkpoints``
+(a resumed search does not fail a trial over a checkpoint Tune already deleted) and
+``autoscaler_max_resources``. Gone: the Tune trial that hosted Ray Train's controller in
+its own thread (no gain measured; Tune trials use Ray's public ``TorchTrainer``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -62,8 +63,8 @@ class LeanTorchTrainer(ray.train.torch.TorchTrainer):
 
     - No Ray Data actor (DatasetManager) when it is given no Ray Dataset: ours travel as
       one object ref.
-    - No placement-group cleaner actor when the controller is an actor of its own, started
-      from a driver (``raysweep train``). The cleaner removes the workers' placement group
+    - No placement-group cleaner actor: this trainer is for fits started from a driver
+      (``raysweep train``), never inside a Tune trial (whose actor Tune may kill). The cleaner removes the workers' placement group
       if the controller dies without doing so; but that group lives only as long as the Ray
       job, and a driver whose controller died gets the error from ``fit()`` and ends its
       job. The cleaner is not free either: it asks Ray's state API (dashboard, GCS) about
@@ -72,40 +73,18 @@ class LeanTorchTrainer(ray.train.torch.TorchTrainer):
       Train) when it is given no Ray Dataset: there is nothing to share resources with, and
       a workers' placement group that does not fit is still demand that Ray's autoscaler
       sees. Like every idle Python Ray process it cost ~0.8% of a core all through training.
-    - With ``host_controller``, Ray Train's own ``TrainController`` runs in this process
-      (in the calling thread) instead of in an actor of its own. Only inside a Ray actor
-      (a Tune trial): the workers are handed ``current_actor`` as their controller, and
-      Ray's placement-group cleaner watches this actor, which is what dies when Tune ends
-      a trial. Its callbacks then run in this thread, so a Tune trial can pass its reports
-      to ``tune.report`` directly.
-    - Either way the controller is an ``AdaptivePollController``: it polls its workers
+    - The controller is an ``AdaptivePollController``: it polls its workers
       less often while their reports come slowly.
     """
 
-    def __init__(self, *args, host_controller: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.host_controller = host_controller
-
     def _create_default_callbacks(self):
-        unneeded = () if self.datasets else (DatasetsCallback,)
-        if not self.host_controller:  # a Tune trial's actor can be killed: keep its cleaner
-            unneeded += (PlacementGroupCleanerCallback,)
+        unneeded = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
         return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unneeded)]
 
     def _initialize_and_run_controller(self, **controller_init_kwargs) -> ray.train.Result:
         if not self.datasets and type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:
             controller_init_kwargs["scaling_policy"] = _FixedScalingWithoutCoordinator(self.scaling_config)
-        if not self.host_controller:
-            return self._run_controller_actor(**controller_init_kwargs)
-        if ray.get_runtime_context().get_actor_id() is None:
-            raise RuntimeError("host_controller=True needs to run inside a Ray actor (e.g. a Tune trial)")
-        controller = AdaptivePollController(**controller_init_kwargs)
-        try:
-            asyncio.run(controller.run())
-        except BaseException:  # e.g. SystemExit from tune.report: Tune is ending this trial
-            _abort_workers(controller)
-            raise
-        return controller.get_result()
+        return self._run_controller_actor(**controller_init_kwargs)
 
     def _run_controller_actor(self, **controller_init_kwargs) -> ray.train.Result:
         """Ray 2.60's ``DataParallelTrainer._initialize_and_run_controller``, with
@@ -174,15 +153,6 @@ class _FixedScalingWithoutCoordinator(FixedScalingPolicy or object):
 
     def _cancel_resource_request(self):
         pass
-
-
-def _abort_workers(controller: "TrainController") -> None:
-    """What ``TrainController.abort`` does, without ending the process it runs in (ours):
-    stop the placement-group cleaner, then end the workers and give their resources back
-    now, not when this actor dies."""
-    controller._controller_callback_manager.invoke_best_effort("before_controller_abort")
-    if (worker_group := controller.get_worker_group()) is not None:
-        worker_group.abort()
 
 
 def autoscaler_max_resources() -> dict | None:
