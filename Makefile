@@ -14,7 +14,11 @@ endif
 # job entrypoints run by name) are the environment's own.
 export PATH := $(dir $(VENV_PYTHON)):$(PATH)
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-oldest-ray bench
+
+# The oldest Ray that setup.py supports, in a venv of its own; CI runs the smoke tests there.
+OLDEST_RAY ?= 2.58
+OLDEST_VENV := $(CURDIR)/.venv-ray$(subst .,,$(OLDEST_RAY))
 
 $(CURDIR)/.venv/bin/python:
 	$(PYTHON) -m venv $(CURDIR)/.venv || { echo "make: could not create .venv; on Debian/Ubuntu: sudo apt install python3-venv" >&2; exit 1; }
@@ -27,6 +31,13 @@ demo: install
 
 test: install
 	$(VENV_PYTHON) -m pytest -q tests
+
+$(OLDEST_VENV)/bin/python:
+	$(PYTHON) -m venv $(OLDEST_VENV)
+
+test-oldest-ray: $(OLDEST_VENV)/bin/python
+	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[dev]" "ray[data,train,tune,default]==$(OLDEST_RAY).*"
+	PATH=$(OLDEST_VENV)/bin:$$PATH $(OLDEST_VENV)/bin/python -m pytest -q -m smoke tests
 
 bench: install
 	$(VENV_PYTHON) -m benchmarks all; $(VENV_PYTHON) -m benchmarks.report --readme

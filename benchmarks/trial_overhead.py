@@ -16,10 +16,9 @@ way round.
 
 Both sides share the embedded Ray's settings (loopback, no preemption watcher). The plain
 pattern's TorchTrainer keeps Ray Train's defaults, as a user of the documented pattern
-gets them; raysweep's 2-worker trials use ``trainers.distributed.run_training``
-(``LeanTorchTrainer``: Ray Train's controller runs in the trial's own actor and hands
-reports to ``tune.report``, so no controller actor and no queue actor; no Ray Data
-actor; ``RAY_TRAIN_ENV``: 0.2 s controller poll instead of 2 s, no metrics callbacks).
+gets them; raysweep's 2-worker trials use ``trainers.distributed.run_training`` (Ray's
+``TorchTrainer`` too, with ``RAY_TRAIN_ENV``: 0.2 s controller poll instead of 2 s, no
+metrics callbacks).
 
 The embedded Ray runs without the in-worker timing hook (``worker_timing``): it would
 import torch and ``trainers`` in every Ray process that starts (controllers, cleaners,

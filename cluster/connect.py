@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import ray
 
 from cluster.auth import secure_token_file
+from trainers import ray_private
 from trainers.distributed import Placement
 from trainers.memory import malloc_env
 from trainers.yamlfile import load_yaml_file
@@ -153,9 +154,7 @@ def autoscaler_ceiling(bootstrap: Path | None = None) -> dict[str, float]:
     """Most resources the autoscaler may add: Ray's own figure where the GCS holds one (what Ray
     Train checks), else the cluster launcher's config on the head (resources x max_workers
     per node type); {} where nothing autoscales."""
-    from ray._private.state import state
-
-    limits = state.get_max_resources_from_cluster_config() if ray.is_initialized() else None
+    limits = ray_private.autoscaler_max_resources() if ray.is_initialized() else None
     if limits:
         return {k: float(v) for k, v in limits.items()}
     bootstrap = bootstrap or Path.home() / "ray_bootstrap_config.yaml"  # written by `ray up` on the head

@@ -2,8 +2,8 @@
 
 A one-worker trial runs the training loop inside the Tune function itself (no
 ``TorchTrainer``: its start-up would cost more than a small trial's training). A trial of
-several workers starts a ``TorchTrainer`` whose controller runs in the trial's own process
-and hands each report to Tune (``ReportToTune``). Results reach the caller through Tune
+several workers starts Ray's ``TorchTrainer``, whose controller actor queues each report
+to the trial (``QueueReportToTune``). Results reach the caller through Tune
 callbacks it hands down.
 """
 
@@ -20,7 +20,7 @@ import optuna
 import ray
 import torch
 from ray import tune
-from ray.train import UserCallback
+from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -28,6 +28,7 @@ from search_spaces.samplers import SAMPLERS, SEARCHERS, build_sampler, choose
 from search_spaces.space import SearchSpace
 from search_spaces.stop_rules import StopRules, parse_target
 from trainers.checkpoints import load_state, save_state
+from trainers import ray_private
 from trainers.configtools import ConfigError
 from trainers.data import ImageData
 from trainers.distributed import Placement, checkpoint_uri, run_training, times_fitting
@@ -161,20 +162,21 @@ def run_trial(params: dict, *, space: SearchSpace, base: dict, data: ImageData |
         return
     trial_id = tune.get_context().get_trial_id()
     run_training(cfg, data if isinstance(data, StreamPlan) else ray.put(data), placement, train_storage,
-                 name=f"trial_{trial_id}", callbacks=[ReportToTune()], host_controller=True)
+                 name=f"trial_{trial_id}", callbacks=[QueueReportToTune()], in_trial=True)
 
 
-class ReportToTune(UserCallback):
-    """Rank 0's metrics of each Train report go to Tune, with the checkpoint's path (Train
-    has already stored it). The trial hosts Ray Train's controller in its own thread
-    (``host_controller``), so this runs where ``tune.report`` works: no queue actor
-    between them, as Ray's ``TuneReportCallback`` needs for a controller actor."""
+class QueueReportToTune(TuneReportCallback):
+    """Ray's ``TuneReportCallback`` (its controller actor queues rank 0's metrics to the
+    trial), with the checkpoint's path as a full URI: Ray's gives ``checkpoint.path``,
+    which lacks the scheme on remote storage. (Until 2026-11-30 the trial hosted Ray
+    Train's controller in its own thread, through private parts: no gain was measured,
+    docs/internals.md.)"""
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         report = dict(metrics[0])
         if checkpoint:
             report[CHECKPOINT_PATH_KEY] = checkpoint_uri(checkpoint)
-        tune.report(report)
+        super().after_report(run_context, [report], None)
 
 
 class GuardedOptunaSearch(OptunaSearch):
@@ -289,28 +291,6 @@ def reuse_trial_actors(search: SearchConfig) -> bool:
     return search.placement.workers == 1
 
 
-def forgive_deleted_checkpoints() -> None:
-    """After a crash, a resumed search starts from Tune's last experiment snapshot, which
-    is up to 10 s old: a trial it resumes can list a checkpoint that Tune already deleted
-    (num_to_keep) after the snapshot. Ray 2.60 then fails that trial when it deletes the
-    checkpoint again. A checkpoint that is gone is deleted, so the driver's checkpoint
-    manager is told to treat it so (pinned Ray; private name)."""
-    from ray.train._internal import checkpoint_manager
-
-    delete = checkpoint_manager._delete_fs_path
-    if getattr(delete, "forgiving", False):
-        return
-
-    def delete_unless_gone(fs, fs_path):
-        try:
-            delete(fs=fs, fs_path=fs_path)
-        except FileNotFoundError:
-            pass
-
-    delete_unless_gone.forgiving = True
-    checkpoint_manager._delete_fs_path = delete_unless_gone
-
-
 def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -333,7 +313,7 @@ def build_tuner(space: SearchSpace, base: dict, data: ImageData, search: SearchC
     fn = trainable(space, base, data, search, experiment_uri)
     if resume:
         check_restorable(experiment_uri)
-        forgive_deleted_checkpoints()
+        ray_private.forgive_deleted_checkpoints()
         return tune.Tuner.restore(experiment_uri, trainable=fn, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
     return tune.Tuner(

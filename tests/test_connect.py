@@ -73,7 +73,7 @@ def test_the_controller_polls_less_often_while_no_report_comes(monkeypatch):
     from ray.train.v2._internal.execution.controller import TrainController
     from ray.train.v2._internal.execution.worker_group.poll import WorkerGroupPollStatus, WorkerStatus
 
-    from trainers.distributed import AdaptivePollController
+    from trainers.ray_private import AdaptivePollController
 
     reports = iter([None, None, "epoch 1"] + [None] * 6 + ["epoch 2", None])
 

@@ -123,6 +123,7 @@ def _submitted_id(out: str, name: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.smoke
 def test_submitted_job_succeeds_and_its_results_are_read_from_here(head, tmp_path, capsys):
     storage = tmp_path / "shared-runs"  # a path the cluster and this machine share
     started = time.monotonic()

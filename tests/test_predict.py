@@ -124,6 +124,7 @@ def tuned(run, tmp_path_factory):
     return code, printed.getvalue(), pq.read_table(out).to_pylist() if code == 0 else []
 
 
+@pytest.mark.smoke
 def test_tune_experiment_uses_its_best_trial_on_the_digits_test_split(run, tuned):
     run_dir, summary, test, classes = run
     code, printed, rows = tuned

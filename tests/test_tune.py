@@ -74,6 +74,7 @@ def test_uri_storage_and_the_results_command_without_ray(tmp_path, capsys):
     assert main(["results", str(tmp_path / "missing")]) == 2
 
 
+@pytest.mark.smoke
 def test_two_worker_trials_stopped_by_asha_do_not_hang_the_search(tmp_path):
     """Ray Train's workers of a trial that ASHA stops must give their CPUs back (guide)."""
     start = time.monotonic()
@@ -108,6 +109,7 @@ class TrialActors(Callback):
         self.ids.append(trial.temporary_state.ray_actor._actor_id.hex())
 
 
+@pytest.mark.smoke
 def test_one_worker_trials_run_one_after_another_in_one_actor(tmp_path):
     """A fresh actor per trial is a process start and a torch import each time. Tune
     reuses the actor, also after ASHA stops a trial mid-run (its thread must end at once)."""

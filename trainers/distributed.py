@@ -7,13 +7,11 @@ store) are handed down by the caller, so this package never imports ``cluster``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
 import os
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,17 +19,10 @@ import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
-from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
 from ray.train import (Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, LoggingConfig, RunConfig,
                        ScalingConfig)
-from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
-                                               get_env_vars_to_propagate)
-from ray.train.v2._internal.execution.controller import TrainController
-from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
-from trainers import preemption
+from trainers import preemption, ray_private
 from trainers.checkpoints import load_state, save_state
 from trainers.config import TrainRunConfig
 from trainers.loop import StreamedInputs, WorkerContext, fit
@@ -99,12 +90,14 @@ def _parse_fault(spec: str | None):
 
 
 def _quiet_report_log() -> None:
-    """Ray Train 2.60 logs every report at INFO, whole metrics dict included, on a logger
-    named by its file path (so LoggingConfig misses it); our callbacks already print a line
-    per epoch."""
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    """Ray Train (2.58-2.60) logs every report at INFO, whole metrics dict included, on a
+    logger named by its file path (so LoggingConfig misses it); our callbacks already print
+    a line per epoch. Found among the loggers by name, not by importing a private module:
+    on a Ray without such loggers this does nothing."""
+    ray_dir = os.path.dirname(ray.__file__)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(ray_dir) and name.endswith(".py"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -182,143 +175,22 @@ def ray_train_env():
             os.environ.pop(k, None)
 
 
-class LeanTorchTrainer(ray.train.torch.TorchTrainer):
-    """A TorchTrainer that starts fewer processes per fit (each a process start and imports:
-    seconds on a small machine). Uses Ray Train's private parts (pinned ray version).
-
-    - No Ray Data actor (DatasetManager) when it is given no Ray Dataset: ours travel as
-      one object ref.
-    - No placement-group cleaner actor when the controller is an actor of its own, started
-      from a driver (``raysweep train``). The cleaner removes the workers' placement group
-      if the controller dies without doing so; but that group lives only as long as the Ray
-      job, and a driver whose controller died gets the error from ``fit()`` and ends its
-      job. The cleaner is not free either: it asks Ray's state API (dashboard, GCS) about
-      the controller every second, throughout training.
-    - No AutoscalingCoordinator actor (Ray Data's broker of resources between Data and
-      Train) when it is given no Ray Dataset: there is nothing to share resources with, and
-      a workers' placement group that does not fit is still demand that Ray's autoscaler
-      sees. Like every idle Python Ray process it cost ~0.8% of a core all through training.
-    - With ``host_controller``, Ray Train's own ``TrainController`` runs in this process
-      (in the calling thread) instead of in an actor of its own. Only inside a Ray actor
-      (a Tune trial): the workers are handed ``current_actor`` as their controller, and
-      Ray's placement-group cleaner watches this actor, which is what dies when Tune ends
-      a trial. Its callbacks then run in this thread, so a Tune trial can pass its reports
-      to ``tune.report`` directly.
-    - Either way the controller is an ``AdaptivePollController``: it polls its workers
-      less often while their reports come slowly.
-    """
-
-    def __init__(self, *args, host_controller: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.host_controller = host_controller
-
-    def _create_default_callbacks(self):
-        unneeded = () if self.datasets else (DatasetsCallback,)
-        if not self.host_controller:  # a Tune trial's actor can be killed: keep its cleaner
-            unneeded += (PlacementGroupCleanerCallback,)
-        return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unneeded)]
-
-    def _initialize_and_run_controller(self, **controller_init_kwargs) -> ray.train.Result:
-        if not self.datasets and type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:
-            controller_init_kwargs["scaling_policy"] = _FixedScalingWithoutCoordinator(self.scaling_config)
-        if not self.host_controller:
-            return self._run_controller_actor(**controller_init_kwargs)
-        if ray.get_runtime_context().get_actor_id() is None:
-            raise RuntimeError("host_controller=True needs to run inside a Ray actor (e.g. a Tune trial)")
-        controller = AdaptivePollController(**controller_init_kwargs)
-        try:
-            asyncio.run(controller.run())
-        except BaseException:  # e.g. SystemExit from tune.report: Tune is ending this trial
-            _abort_workers(controller)
-            raise
-        return controller.get_result()
-
-    def _run_controller_actor(self, **controller_init_kwargs) -> ray.train.Result:
-        """Ray 2.60's ``DataParallelTrainer._initialize_and_run_controller``, with
-        ``AdaptivePollController`` as the controller actor's class."""
-        env_vars = get_env_vars_to_propagate()
-        env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
-                            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
-        actor_class = ray.remote(  # on the driver's node, as Ray places its own
-            num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
-            runtime_env={"env_vars": env_vars})(AdaptivePollController)
-        controller = actor_class.remote(**controller_init_kwargs)
-        if threading.current_thread() is threading.main_thread():
-            self._register_sigint_handler(controller)  # Ctrl-C aborts the run gracefully
-        ray.get(controller.run.remote())
-        return ray.get(controller.get_result.remote())
-
-
-class AdaptivePollController(TrainController):
-    """Ray's controller, polling its workers often only while their reports come often.
-
-    A worker's report waits in a one-slot queue until the controller's next poll, and a
-    second report blocks the worker until then; the end of a run is also seen at a poll. So
-    a short interval keeps short epochs and short trials moving, but each poll wakes the
-    controller and the worker's Ray threads: at 0.2 s, a sleeping 1-worker fit's controller
-    and worker took 1.3% and 1.4% of a core vs 0.65% and 0.85% at Ray's 2 s (2026-11-30),
-    which a 2-thread training step on 2 cores pays for in wall time.
-
-    Here the interval is ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (f) until the first report
-    (start-up, when the first epoch's length is unknown) and after every poll that brings a
-    report; after each poll that brings none it grows 1.5x, up to 1 s. Each gap is then at
-    most half the time since the last collected report plus f, so a report is collected
-    before the next one is made (the worker never waits) for epochs longer than 2f, and the
-    end of a run, which comes right after its last report, is seen within 1 s. A 9 s epoch
-    costs ~12 polls instead of ~45: a 1-worker fit that slept and reported every 9 s
-    took 0.83% and 0.92% of a core in its controller and worker, as at a fixed 2 s (0.75%,
-    0.97%).
-    """
-
-    SLOWEST_S = 1.0
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._fastest_s = self._health_check_interval_s
-        self._reported = False
-
-    async def _poll_workers(self):
-        status = await super()._poll_workers()
-        if any(s.training_report is not None for s in status.worker_statuses.values()):
-            self._reported = True
-            self._health_check_interval_s = self._fastest_s
-        elif self._reported:
-            self._health_check_interval_s = min(1.5 * self._health_check_interval_s,
-                                                max(self.SLOWEST_S, self._fastest_s))
-        return status
-
-
-class _FixedScalingWithoutCoordinator(FixedScalingPolicy):
-    """Ray's fixed-size policy, minus its resource requests to the AutoscalingCoordinator
-    (the actor is created by the first request)."""
-
-    def _maybe_send_resource_request(self):
-        pass
-
-    def _send_resource_request(self):
-        pass
-
-    def _cancel_resource_request(self):
-        pass
-
-
-def _abort_workers(controller: TrainController) -> None:
-    """What ``TrainController.abort`` does, without ending the process it runs in (ours):
-    stop the placement-group cleaner, then end the workers and give their resources back
-    now, not when this actor dies."""
-    controller._controller_callback_manager.invoke_best_effort("before_controller_abort")
-    if (worker_group := controller.get_worker_group()) is not None:
-        worker_group.abort()
+def ray_trainer(*args, in_trial: bool = False, **kwargs) -> ray.train.torch.TorchTrainer:
+    """A ``TorchTrainer``: raysweep's leaner one for a fit of its own where its private Ray
+    parts are on (``trainers.ray_private``), Ray's own otherwise and inside a Tune trial."""
+    if ray_private.enabled() and not in_trial:
+        return ray_private.LeanTorchTrainer(*args, **kwargs)
+    return ray.train.torch.TorchTrainer(*args, **kwargs)
 
 
 def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: str, name: str,
-                 callbacks: list | None = None, host_controller: bool = False) -> ray.train.Result:
+                 callbacks: list | None = None, in_trial: bool = False) -> ray.train.Result:
     """Fit one model with Ray Train. ``data`` is an ``ImageData``, an object ref to one, or a
     ``StreamPlan`` (its train and val splits then stream to the workers through Ray Data).
 
     Re-running with the same ``(storage_path, name)`` resumes from the last checkpoint.
     Raises ``ray.train.TrainingFailedError`` once the workers have failed more than
-    ``cfg.train.max_failures`` times. ``host_controller``: see ``LeanTorchTrainer``.
+    ``cfg.train.max_failures`` times. ``in_trial``: called inside a Tune trial (see ``ray_trainer``).
 
     A fit that a SIGTERM stopped (``trainers.preemption``) ends on a position checkpoint;
     it is fitted again on the same name, so it resumes there, up to ``preemption.MAX_RESTARTS``
@@ -327,7 +199,7 @@ def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: 
     callbacks = [preemption.EpochReportsOnly(cb) for cb in callbacks or []]
     with ray_train_env():
         for restart in range(preemption.MAX_RESTARTS + 1):
-            result = _trainer(cfg, data, placement, storage_path, name, callbacks, host_controller).fit()
+            result = _trainer(cfg, data, placement, storage_path, name, callbacks, in_trial).fit()
             if not (result.metrics or {}).get(PREEMPTED_KEY):
                 return result
             # Every rank stopped right after the step it checkpointed: no step is redone.
@@ -339,9 +211,9 @@ def run_training(cfg: TrainRunConfig, data, placement: Placement, storage_path: 
 
 
 def _trainer(cfg: TrainRunConfig, data, placement: Placement, storage_path: str, name: str, callbacks: list,
-             host_controller: bool) -> LeanTorchTrainer:
+             in_trial: bool):
     es = cfg.train.early_stopping
-    return LeanTorchTrainer(
+    return ray_trainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.to_dict(), "data": data, "fault": os.environ.get(FAULT_ENV),
                            "sigterm_drill": os.environ.get(preemption.DRILL_ENV)},
@@ -358,7 +230,7 @@ def _trainer(cfg: TrainRunConfig, data, placement: Placement, storage_path: str,
                 num_to_keep=1, checkpoint_score_attribute=es.metric, checkpoint_score_order=es.mode
             ),
         ),
-        host_controller=host_controller,
+        in_trial=in_trial,
     )
 
 
