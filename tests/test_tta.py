@@ -25,6 +25,15 @@ def _fixed_size_net(classes: int = 4) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, classes)).eval()
 
 
+def test_the_docstring_example_runs_and_holds():
+    import doctest
+
+    from trainers import tta
+
+    result = doctest.testmod(tta, raise_on_error=False)
+    assert result.attempted >= 4 and result.failed == 0, result
+
+
 def test_the_levels_are_registered_by_name():
     assert TTA.names() == ["flip", "flip_translate", "none"]
     with pytest.raises(KeyError, match="known: flip, flip_translate, none"):
@@ -105,3 +114,15 @@ def test_evaluate_state_scores_with_the_checkpoints_tta():
     plain = evaluate_state(state, split, tta="none")
     assert plain["test_loss"] != pytest.approx(loss, rel=1e-5)  # the level was really applied
     assert isinstance(TTANet(model.net, "flip").inner, nn.Module)
+
+
+def test_the_printed_summary_names_a_tta_level():
+    from types import SimpleNamespace
+
+    from cluster.train_cmd import format_summary
+
+    summary = {"status": "completed", **{f"test_{k}": 0.9 for k in ("accuracy", "precision", "recall", "f1")},
+               "cpu_seconds": 1, "gpu_seconds": 0}
+    store = SimpleNamespace(uri="runs/x")
+    assert "(test-time augmentation flip)" in format_summary({**summary, "config": {"train": {"tta": "flip"}}}, store)
+    assert "test-time" not in format_summary({**summary, "config": {"train": {"tta": "none"}}}, store)
