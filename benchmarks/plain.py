@@ -29,7 +29,7 @@ from trainers.config import ModelConfig, TrainRunConfig
 from trainers.data import ImageData, Split
 from trainers.memory import keep_freed_memory
 from trainers.models import build_model
-from trainers.tta import TTA  # raysweep's own test-time augmentation: the same advantage on both sides
+from trainers.tta import TTA
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,8 @@ def amp(precision: str):
 
 @torch.no_grad()
 def accuracy(net, prepare, fmt, split: Split, precision: str, tta: str = "none", batch_size: int = 1024) -> float:
-    """Top-1 accuracy on ``split`` with test-time augmentation ``tta`` (``trainers.tta``)."""
+    """Top-1 accuracy on ``split`` with test-time augmentation ``tta``: raysweep's own
+    (``trainers.tta``), so both sides of a comparison get the same advantage."""
     net.eval()
     correct = 0
     for s in range(0, len(split), batch_size):

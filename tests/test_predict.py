@@ -143,7 +143,7 @@ def test_summary_test_accuracy_is_the_checkpoints_flip_tta_accuracy(run):
     from trainers.loop import autocast_for
     from trainers.tta import TTA
 
-    run_dir, summary, test, classes = run
+    _, summary, test, _ = run
     model, cfg, _ = model_from_state(load_state(summary["checkpoint"]))
     assert cfg.train.tta == "flip"
     with torch.no_grad(), autocast_for(inference_precision(cfg, "cpu"), torch.device("cpu")):
