@@ -3,13 +3,17 @@
 epoch against cumulative training seconds. ``full`` trains the wider ``fast_cifar95``
 (``examples/cifar10_95.yaml``; ``fast_cifar``'s 10-epoch runs reached 0.906-0.907),
 ``quick`` the smaller ``examples/cifar10_fast.yaml``. Target: >= 91% test accuracy within
-10 epochs (flip test-time augmentation allowed) with raysweep's epoch time <= 1.05x the
+10 epochs (test-time augmentation allowed) with raysweep's epoch time <= 1.05x the
 plain loop's.
 
-Both sides train on all 50,000 training images and score the 10,000 test images after
-every epoch (raysweep's validation split is the test set here, so its per-epoch
-``val_accuracy`` is test accuracy); raysweep's final model is also scored with test-time
-augmentation: flip, and airbench's flip + one-pixel translations (``flip_translate``).
+No selection on the test set: a validation split (the example's ``data.val_fraction``,
+0.04: 2,000 images) is carved from the 50,000 training images by raysweep's own
+``load_data``, and both sides train on the rest (48,000) and score the validation split
+after every epoch; raysweep keeps its best epoch by validation accuracy, the plain loop its
+last. Each side's final model is scored once on the 10,000 test images with airbench's
+flip + one-pixel translations test-time augmentation (``train.tta=flip_translate``,
+``trainers.tta``): raysweep's figure is ``summary.json``'s own ``test_accuracy``, the plain
+loop's comes from the same ``trainers.tta`` function.
 
 On a 2-core CPU one 10-epoch side takes well over an hour, so ``full`` trains the plain
 loop for ``plain_epochs`` epochs only (``$RAYSWEEP_BENCH_PLAIN_EPOCHS`` raises it, up to
@@ -42,7 +46,7 @@ SIZES = {  # example: the recipe, examples/<example>.yaml
     "smoke": dict(train=None, test=None, epochs=2, plain_epochs=2, example="cifar10_95",
                   overrides=["train.batch_size=64"]),
 }
-TTA_LEVELS = ("flip", "flip_translate")
+TTA = "flip_translate"  # raysweep's train.tta; the plain loop scores its test set the same way
 
 
 def data_root() -> Path:
@@ -60,20 +64,20 @@ def tiny_parquet(directory: Path) -> Path:
     return directory
 
 
-def load(root: Path, n_train: int | None, n_test: int | None):
-    """Both splits through raysweep's ``parquet`` loader; validation = the test split."""
-    from trainers.config import DataConfig
-    from trainers.data import DATASETS, ImageData, Split, channel_stats
+def load(data_cfg, n_train: int | None, n_test: int | None):
+    """Both splits through raysweep's ``load_data`` (``parquet``): validation carved from the
+    training images (``data_cfg.val_fraction``, seeded), training capped at ``n_train``."""
+    import dataclasses
 
-    if not (root / "train.parquet").is_file():
-        raise FileNotFoundError(f"no CIFAR-10 train.parquet under {root}; set RAYSWEEP_CIFAR10=DIR")
+    from trainers.data import Split, load_data
+
+    if not (Path(data_cfg.root) / "train.parquet").is_file():
+        raise FileNotFoundError(f"no CIFAR-10 train.parquet under {data_cfg.root}; set RAYSWEEP_CIFAR10=DIR")
     start = time.perf_counter()
-    train, test, classes = DATASETS["parquet"](DataConfig(name="parquet", root=str(root)))
+    data = load_data(dataclasses.replace(data_cfg, limit=n_train))
     load_s = time.perf_counter() - start
-    train = Split(train.x[:n_train], train.y[:n_train]) if n_train else train  # rows are in a seeded random order
-    test = Split(test.x[:n_test], test.y[:n_test]) if n_test else test
-    mean, std = channel_stats(train.x)
-    return ImageData(train, test, test, classes, mean, std), load_s
+    test = Split(data.test.x[:n_test], data.test.y[:n_test]) if n_test else data.test
+    return dataclasses.replace(data, test=test), load_s
 
 
 def decode_list_seconds(root: Path) -> tuple[float, int]:
@@ -89,18 +93,10 @@ def decode_list_seconds(root: Path) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
-def latest_state(run_dir: Path) -> dict:
-    from trainers.checkpoints import load_state
-
-    states = [load_state(p) for p in run_dir.glob("checkpoint_*") if p.is_dir()]
-    return max(states, key=lambda s: s["epoch"])
-
-
 def raysweep_side(cfg, data, threads: int, storage: str, name: str) -> dict:
     import pyarrow.parquet as pq
 
     from cluster import train_cmd
-    from trainers.checkpoints import model_from_state
     from trainers.distributed import Placement
 
     reader = EventReader()
@@ -114,27 +110,23 @@ def raysweep_side(cfg, data, threads: int, storage: str, name: str) -> dict:
     if not timing["train_seconds"]:  # no in-worker timing: history's figures
         timing["train_seconds"] = [len(data.train) / r["images_per_second"] for r in hist]
         timing["epoch_seconds"] = [r["epoch_seconds"] for r in hist]
-    model, run_cfg, _ = model_from_state(latest_state(Path(storage) / name))
-    fmt = torch.channels_last if run_cfg.train.channels_last else torch.contiguous_format
-    net = model.net.to(memory_format=fmt)
-    precision = plain.Recipe.from_config(run_cfg, _resolved(run_cfg)).precision
-    tta = {level: plain.accuracy(net, model.normalize, fmt, data.test, precision, tta=level) for level in TTA_LEVELS}
+    # The value is raysweep's own: summary.json's test_accuracy, scored with train.tta.
     return {"accuracy": [r["val_accuracy"] for r in hist], "train_seconds": timing["train_seconds"],
-            "epoch_seconds": timing["epoch_seconds"], "tta_accuracy": tta,
+            "epoch_seconds": timing["epoch_seconds"], "test_accuracy": summary["test_accuracy"],
+            "tta": summary["config"]["train"]["tta"], "best_epoch": summary.get("best_epoch"),
             "startup_seconds": timing["first_batch_t"] - t0 if timing.get("first_batch_t") else None,
             "threads": timing.get("threads"), "wall_seconds": time.time() - t0}
 
 
 def plain_side(data, recipe, epochs: int, run_epochs: int) -> dict:
-    """The plain loop, scheduled for ``epochs`` but stopped after ``run_epochs``."""
+    """The plain loop, scheduled for ``epochs`` but stopped after ``run_epochs``: validation
+    accuracy per epoch, and (when it ran them all) its last model's test accuracy with TTA."""
     t0 = time.time()
-    out = plain.run(data, recipe, epochs, eval_split=data.test, stop_after=run_epochs)
+    out = plain.run(data, recipe, epochs, eval_split=data.val, stop_after=run_epochs)
     rows = out["epochs"]
-    tta = ({level: out["plain"].evaluate(data.test, tta=level) for level in TTA_LEVELS} if run_epochs == epochs
-           else {level: None for level in TTA_LEVELS})
+    test = out["plain"].evaluate(data.test, tta=TTA) if run_epochs == epochs else None
     return {"accuracy": [r["accuracy"] for r in rows], "train_seconds": [r["train_seconds"] for r in rows],
-            "epoch_seconds": [r["epoch_seconds"] for r in rows],
-            "tta_accuracy": tta, "startup_seconds": out["startup_seconds"],
+            "epoch_seconds": [r["epoch_seconds"] for r in rows], "test_accuracy": test, "tta": TTA, "startup_seconds": out["startup_seconds"],
             "threads": [torch.get_num_threads()], "wall_seconds": time.time() - t0}
 
 
@@ -159,10 +151,10 @@ def run(mode: str = "full") -> Result:
     tmp = Path(tempfile.mkdtemp(prefix="raysweep-bench-cifar10-"))
     try:
         root = tiny_parquet(tmp) if mode == "smoke" else data_root()
-        data, load_s = load(root, size["train"], size["test"])
+        cfg = plain.example_config([f"data.root={root}", f"train.epochs={size['epochs']}", f"train.tta={TTA}"]
+                                   + size["overrides"], size["example"])
+        data, load_s = load(cfg.data, size["train"], size["test"])
         decode_s, decoded = decode_list_seconds(root)
-        cfg = plain.example_config([f"data.root={root}", f"train.epochs={size['epochs']}"] + size["overrides"],
-                                   size["example"])
         precision = _resolved(cfg)
         recipe = plain.Recipe.from_config(cfg, precision)
         storage = str(tmp / "runs")
@@ -178,36 +170,39 @@ def run(mode: str = "full") -> Result:
     steady = lambda s, k: s[k][1:] or s[k]  # epoch 1 is the warm-up
     ratio = median(steady(ours, "epoch_seconds")) / median(steady(theirs, "epoch_seconds"))
     train_ratio = median(steady(ours, "train_seconds")) / median(steady(theirs, "train_seconds"))
-    value = ours["tta_accuracy"]["flip_translate"]
+    value = ours["test_accuracy"]
     cell = lambda side, key, e: side[key][e] if e < len(side[key]) else None
     rows = [[e + 1, ours["cumulative_train_seconds"][e], ours["accuracy"][e],
              cell(theirs, "cumulative_train_seconds", e), cell(theirs, "accuracy", e)] for e in range(size["epochs"])]
-    rows += [[f"final, {level} TTA", None, ours["tta_accuracy"][level], None, theirs["tta_accuracy"][level]]
-             for level in TTA_LEVELS]
-    n_train, n_test = len(data.train), len(data.test)
+    rows.append([f"test, {TTA} TTA", None, ours["test_accuracy"], None, theirs["test_accuracy"]])
+    n_train, n_val, n_test = len(data.train), len(data.val), len(data.test)
     notes = [
         f"{recipe.model}, {precision}, batch {recipe.batch_size}, lr {recipe.lr} {recipe.schedule} (warm-up "
         f"{recipe.warmup_epochs:g} epochs, 0 = the schedule's own), Nesterov momentum {recipe.momentum}, weight decay "
         f"{recipe.weight_decay}, BatchNorm shift rate x{recipe.norm_bias_lr_scale:g}, Lookahead every "
         f"{recipe.lookahead_every} steps, label smoothing {recipe.label_smoothing}, "
         f"crop pad {recipe.crop_padding} ({recipe.fill}) + "
-        f"{'alternating ' if recipe.alternate_flip else ''}flip; {n_train} training / {n_test} test images"
-        f"{' (generated)' if mode == 'smoke' else ''}; {threads} threads on both sides",
+        f"{'alternating ' if recipe.alternate_flip else ''}flip; {n_train} training / {n_val} validation / {n_test} "
+        f"test images{' (generated)' if mode == 'smoke' else ''}; {threads} threads on both sides",
+        f"no selection on the test set: validation ({n_val} images, data.val_fraction={cfg.data.val_fraction}, "
+        f"seed {cfg.data.seed}) is carved from the training images by raysweep's load_data; the acc columns are "
+        f"validation accuracy; raysweep keeps its best epoch by val_accuracy (epoch {ours['best_epoch']}), the plain "
+        f"loop its last; the test row is each final model on the test set with {TTA} test-time augmentation "
+        f"(raysweep: summary.json's test_accuracy, train.tta={ours['tta']}; plain: the same trainers.tta function)",
         f"epoch time (median of epochs 2.., evaluation included) raysweep / plain = {ratio:.3f} "
         f"(target <= {TARGET_RATIO}); training only {train_ratio:.3f}; raysweep ran first ({size['epochs']} epochs), "
         f"then the plain loop ({plain_epochs} of its {size['epochs']} scheduled epochs)",
-        f"data: raysweep's parquet loader read + decoded {n_train if not size['train'] else '50000'}+"
-        f"{n_test if not size['test'] else '10000'} images in {load_s:.1f} s; decode_jpeg on a list: "
-        f"{decode_s:.1f} s for {decoded}",
+        f"data: raysweep's load_data read + decoded the {decoded} images of both files and split them in "
+        f"{load_s:.1f} s; decode_jpeg on a list: {decode_s:.1f} s for {decoded}",
     ]
     met = value >= TARGET_ACCURACY and ratio <= TARGET_RATIO
     return Result(
         name="cifar10", value=value, target=f">= {TARGET_ACCURACY} test accuracy in 10 epochs and epoch ratio "
                                            f"<= {TARGET_RATIO}",
         met=met, unit=f"test accuracy (raysweep, {size['epochs']} epochs, flip + translate TTA)",
-        headers=["epoch", "raysweep train s", "raysweep acc", "plain train s", "plain acc"], rows=rows, notes=notes,
+        headers=["epoch", "raysweep train s", "raysweep val acc", "plain train s", "plain val acc"], rows=rows, notes=notes,
         details={"epoch_ratio": ratio, "train_ratio": train_ratio, "sides": sides, "recipe": recipe.to_dict(),
-                 "train_images": n_train, "test_images": n_test, "loader_seconds": load_s,
+                 "train_images": n_train, "val_images": n_val, "test_images": n_test, "loader_seconds": load_s,
                  "decode_jpeg_list_seconds": decode_s, "threads": threads, "epochs": size["epochs"],
                  "plain_epochs": plain_epochs},
     )

@@ -29,6 +29,7 @@ from trainers.config import ModelConfig, TrainRunConfig
 from trainers.data import ImageData, Split
 from trainers.memory import keep_freed_memory
 from trainers.models import build_model
+from trainers.tta import TTA
 
 
 @dataclass(frozen=True)
@@ -106,25 +107,10 @@ def amp(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def _mirror(net, x):
-    return 0.5 * net(x).float() + 0.5 * net(x.flip(3)).float()
-
-
-def _mirror_translate(net, x):
-    """airbench's test-time augmentation: the mirrored pair, averaged with the mirrored
-    pairs of the image moved one pixel up-left and down-right (reflect padding)."""
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (1,) * 4, mode="reflect")
-    moved = [padded[..., :h, :w], padded[..., 2:h + 2, 2:w + 2]]
-    return 0.5 * _mirror(net, x) + 0.25 * sum(_mirror(net, m) for m in moved)  # slices keep x's layout
-
-
-TTA = {"none": lambda net, x: net(x).float(), "flip": _mirror, "flip_translate": _mirror_translate}
-
-
 @torch.no_grad()
 def accuracy(net, prepare, fmt, split: Split, precision: str, tta: str = "none", batch_size: int = 1024) -> float:
-    """Top-1 accuracy on ``split`` with test-time augmentation ``tta`` (a key of ``TTA``)."""
+    """Top-1 accuracy on ``split`` with test-time augmentation ``tta``: raysweep's own
+    (``trainers.tta``), so both sides of a comparison get the same advantage."""
     net.eval()
     correct = 0
     for s in range(0, len(split), batch_size):

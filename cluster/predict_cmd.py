@@ -27,9 +27,10 @@ from cluster.predict_report import (PredictError, confusion_png, format_report, 
 from trainers.checkpoints import CheckpointError
 from trainers.distributed import times_fitting as how_many  # actors that fit: one rule with tune's trials
 from trainers.inference import (EXPORT_FORMATS, InferenceError, classifier_from_state, inference_precision,
-                                predict)
+                                predict, tta_level)
 from trainers.predict_readers import NO_LABEL, conform_rows, decode_rows, evaluation_spec, read_files, read_row_groups
 from trainers.streaming import DecodeSpec
+from trainers.tta import TTA
 
 __all__ = ["PredictRequest", "load_checkpoint", "run_predict", "how_many"]
 
@@ -41,7 +42,8 @@ class Predictor:
     decoder of ``trainers.streaming``) -> uint8 images -> prediction and top-k, at most
     ``batch_size`` images at a time through the model."""
 
-    def __init__(self, state, stages, device: str, top_k: int, precision: str | None, threads: int, batch_size: int):
+    def __init__(self, state, stages, device: str, top_k: int, precision: str | None, threads: int, batch_size: int,
+                 tta: str | None = None):
         import ray
         import torch
 
@@ -49,6 +51,7 @@ class Predictor:
         state = ray.get(state[0])  # the weights, put once by the driver
         self.clf, cfg = classifier_from_state(state, device)
         self.precision = inference_precision(cfg, device, precision)
+        self.tta = tta_level(cfg, tta)
         self.k = min(top_k, len(self.clf.classes))
         self.stages, self.batch_size = stages, batch_size
 
@@ -65,7 +68,7 @@ class Predictor:
         for chunk in np.array_split(np.flatnonzero(ok), max(1, math.ceil(ok.sum() / self.batch_size))):
             if len(chunk):
                 x = torch.from_numpy(np.ascontiguousarray(batch["image"][chunk]))
-                p, i, v = predict(self.clf, x, self.k, self.precision)
+                p, i, v = predict(self.clf, x, self.k, self.precision, self.tta)
                 pred[chunk], top_idx[chunk], top_p[chunk] = p.cpu().numpy(), i.cpu().numpy(), v.cpu().numpy()
         return {"id": batch["id"], "label": batch["label"], "pred_index": pred,
                 "topk_index": top_idx, "topk_probs": top_p, "error": batch["error"]}
@@ -84,6 +87,7 @@ class PredictRequest:
     precision: str | None = None
     address: str | None = None
     unknown_classes: str = "unlabelled"
+    tta: str | None = None  # None: the checkpoint's train.tta
 
     def problems(self) -> list[str]:
         out = []
@@ -97,6 +101,8 @@ class PredictRequest:
             out.append(f"--cpus-per-actor: {self.cpus_per_actor} must be a number > 0")
         if self.unknown_classes not in UNKNOWN_CLASSES:
             out.append(f"--unknown-classes: {self.unknown_classes!r} is not one of {', '.join(UNKNOWN_CLASSES)}")
+        if self.tta is not None and self.tta not in TTA:
+            out.append(f"--tta: {self.tta!r} is not one of {', '.join(TTA.names())}")
         if self.out.is_dir():
             out.append(f"--out: {str(self.out)!r} is a directory; give a file name such as predictions.parquet")
         return out
@@ -122,7 +128,7 @@ def build_dataset(inputs: Inputs, spec: DecodeSpec, req: PredictRequest, state_r
         fn_constructor_kwargs={"state": [state_ref], "stages": stages(inputs, spec),
                                "device": "cuda" if req.use_gpu else "cpu", "top_k": req.top_k,
                                "precision": req.precision, "threads": max(1, int(req.cpus_per_actor)),
-                               "batch_size": req.batch_size},
+                               "batch_size": req.batch_size, "tta": req.tta},
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=req.cpus_per_actor, num_gpus=1 if req.use_gpu else 0,
         # Ray Data hands every actor its code through the object store; with restarts on
@@ -178,7 +184,8 @@ def run_predict(req: PredictRequest) -> dict:
     actors = pool_size(req)
     resized = f", inputs resized to {spec.size[0]}x{spec.size[1]}" if spec.size else ""
     print(f"raysweep predict: {inputs.count} input(s) from {inputs.describe} ({inputs.labelled} labelled); "
-          f"model {cfg.model.name} {'x'.join(map(str, spec.shape))}{resized}, {len(classes)} classes, from {how}: "
+          f"model {cfg.model.name} {'x'.join(map(str, spec.shape))}{resized}, {len(classes)} classes, "
+          f"test-time augmentation {tta_level(cfg, req.tta)}, from {how}: "
           f"{where}; {actors} {'GPU' if req.use_gpu else 'CPU'} actor(s)", flush=True)
     for note in inputs.notes:
         print(f"note        {note}", flush=True)
@@ -213,6 +220,12 @@ def _checkpoint_argument(p) -> None:
                    help="a checkpoint dir or state.pt, a train run dir (summary.json) or a tune experiment dir (best.json)")
 
 
+def _tta_argument(p) -> None:
+    p.add_argument("--tta", choices=TTA.names(), metavar="LEVEL",
+                   help=f"test-time augmentation: {', '.join(TTA.names())} (default: the checkpoint's train.tta, "
+                        "as its test evaluation used)")
+
+
 def _predict_arguments(p) -> None:
     _checkpoint_argument(p)
     p.add_argument("--data", required=True, metavar="NAME[:PATH]",
@@ -228,6 +241,7 @@ def _predict_arguments(p) -> None:
     p.add_argument("--unknown-classes", choices=UNKNOWN_CLASSES, default=UNKNOWN_CLASSES[0],
                    help="inputs labelled with a class the model does not know (a stray class folder): predict them "
                         "without a label (unlabelled, the default), leave them out (skip), or refuse the request (error)")
+    _tta_argument(p)
     add_common(p, storage=False)
 
 
@@ -239,7 +253,8 @@ def _refuse(name: str, e: Exception, code: int = EXIT_BAD_REQUEST) -> int:
 @command("predict", "batch inference of a checkpoint on Ray Data: one Parquet row per input")(_predict_arguments)
 def _predict(args) -> int:
     req = PredictRequest(args.checkpoint, args.data, args.out, args.batch_size, args.top_k, args.gpu,
-                         args.actors, args.cpus_per_actor, args.precision, args.address, args.unknown_classes)
+                         args.actors, args.cpus_per_actor, args.precision, args.address, args.unknown_classes,
+                         args.tta)
     if problems := req.problems():
         return _refuse("predict", "; ".join(problems))
     try:
@@ -255,6 +270,7 @@ def _export_arguments(p) -> None:
     _checkpoint_argument(p)
     p.add_argument("--out", required=True, type=Path, metavar="FILE", help="the file to write, e.g. model.pt")
     p.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="torchscript")
+    _tta_argument(p)
 
 
 @command("export", "write a checkpoint as one file plain PyTorch loads (network + preprocessing + classes)")(_export_arguments)
@@ -264,10 +280,12 @@ def _export(args) -> int:
     except (CheckpointError, InferenceError) as e:
         return _refuse("export", e)
     meta = state["meta"]
-    path = EXPORT_FORMATS[args.format](state, args.out)
+    path = EXPORT_FORMATS[args.format](state, args.out, args.tta)
     shape = ", ".join(map(str, meta["image_shape"]))
+    level = args.tta or (meta["config"].get("train") or {}).get("tta", "none")
     print(f"raysweep export: {how}: {where}\n"
           f"wrote       {path} ({args.format}, {path.stat().st_size / 1e6:.1f} MB): uint8 (N, {shape}) -> "
-          f"probabilities over {len(meta['classes'])} classes; classes in m.classes and extra file classes.json\n"
+          f"probabilities over {len(meta['classes'])} classes (test-time augmentation {level}); classes in m.classes "
+          f"and extra file classes.json\n"
           f"load with   m = torch.jit.load({str(path)!r}); probs = m(images_uint8)", flush=True)
     return EXIT_OK

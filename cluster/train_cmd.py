@@ -142,6 +142,10 @@ def _finish(store: ResultsStore, summary: dict, started: float, req: TrainReques
     print(format_summary(summary, store), flush=True)
 
 
+def _tta_note(level: str) -> str:
+    return "" if level == "none" else f"  (test-time augmentation {level})"
+
+
 def format_summary(summary: dict, store: ResultsStore) -> str:
     lines = [f"status      {summary['status']}"
              + (f" after {summary.get('epochs_run')} epochs (best epoch {summary.get('best_epoch')})"
@@ -153,7 +157,8 @@ def format_summary(summary: dict, store: ResultsStore) -> str:
     if "test_accuracy" in summary:
         lines.append("test        " + "  ".join(
             f"{k.removeprefix('test_')} {summary[k]:.4f}"
-            for k in ("test_accuracy", "test_precision", "test_recall", "test_f1")))
+            for k in ("test_accuracy", "test_precision", "test_recall", "test_f1"))
+            + _tta_note(summary.get("config", {}).get("train", {}).get("tta", "none")))
     lines.append(f"used        {describe(summary)}")
     lines.append(f"results     {store.uri}/  (history.parquet, summary.json, curves.png, progress.json)")
     if summary.get("checkpoint"):

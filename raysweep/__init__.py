@@ -123,7 +123,7 @@ def predict(checkpoint: str, data: str, out: str | Path, **options: Any) -> dict
     """`raysweep predict`: one Parquet row per input of ``data`` (``imagefolder:DIR``,
     ``parquet:PATH``, a named set such as ``digits``; local or URI) at ``out``. ``options``
     take the command's: batch_size, top_k, use_gpu, actors, cpus_per_actor, precision,
-    address, unknown_classes. Returns the report (rows, errors, metrics when labelled)."""
+    address, unknown_classes, tta (default: the checkpoint's ``train.tta``). Returns the report (rows, errors, metrics when labelled)."""
     from cluster.predict_cmd import PredictRequest, run_predict
 
     req = PredictRequest(checkpoint, data, Path(out), **options)
@@ -132,14 +132,15 @@ def predict(checkpoint: str, data: str, out: str | Path, **options: Any) -> dict
     return run_predict(req)
 
 
-def export(checkpoint: str, out: str | Path, format: str = "torchscript") -> Path:
-    """`raysweep export`: the checkpoint as one file plain PyTorch loads; returns its path."""
+def export(checkpoint: str, out: str | Path, format: str = "torchscript", tta: str | None = None) -> Path:
+    """`raysweep export`: the checkpoint as one file plain PyTorch loads, with test-time
+    augmentation ``tta`` inside (default: the checkpoint's ``train.tta``); returns its path."""
     from cluster.predict_cmd import EXPORT_FORMATS, load_checkpoint
 
     if format not in EXPORT_FORMATS:
         raise ConfigError([f"format: {format!r} is not one of {', '.join(sorted(EXPORT_FORMATS))}"])
     state, _, _ = load_checkpoint(checkpoint)
-    return Path(EXPORT_FORMATS[format](state, Path(out)))
+    return Path(EXPORT_FORMATS[format](state, Path(out), tta))
 
 
 def results(experiment: str | Path):

@@ -111,6 +111,10 @@ def test_smoke_on_ray(name, bench_ray, tmp_path):
     if name in ("overhead", "cifar10"):  # timed inside the Ray worker, not from history
         runs = rec["details"]["runs"]["raysweep"] if name == "overhead" else [rec["details"]["sides"]["raysweep"]]
         assert all(r["startup_seconds"] is not None for r in runs)
+    if name == "cifar10":  # raysweep's own summary.json figure, with TTA; validation carved from training
+        ours, d = rec["details"]["sides"]["raysweep"], rec["details"]
+        assert rec["value"] == ours["test_accuracy"] and ours["tta"] == "flip_translate"
+        assert d["val_images"] > 0 and d["train_images"] + d["val_images"] == 256 and d["test_images"] == 64
 
 
 def test_cpu_between_splits_a_process_tree_from_the_rest():

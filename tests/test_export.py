@@ -49,3 +49,20 @@ def test_export_gives_the_checkpoints_probabilities(model, tmp_path):
     assert torch.allclose(probs, expected, atol=1e-5), (probs, expected)
     with pytest.raises(Exception, match="expected images of shape"):
         module(torch.zeros((1, 3, 8, 8), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("level", ["flip", "flip_translate"])
+def test_export_with_tta_gives_predicts_probabilities_with_the_same_tta(level, tmp_path):
+    """``export --tta`` traces the same ``trainers.tta`` function ``predict --tta`` runs."""
+    from trainers.inference import predict
+
+    state = _state({"name": "simple_cnn"})
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    clf, _ = classifier_from_state(state)
+    _, idx, top = predict(clf, x, len(CLASSES), "fp32", level)
+    expected = torch.zeros(6, len(CLASSES)).scatter_(1, idx, top)
+    extra = {"meta.json": ""}
+    module = torch.jit.load(str(export_torchscript(state, tmp_path / "m.pt", tta=level)), _extra_files=extra)
+    assert json.loads(extra["meta.json"])["tta"] == level
+    assert torch.allclose(module(x), expected, atol=1e-5)
+    assert not torch.allclose(clf.probabilities(x), expected, atol=1e-4)  # the TTA changed something

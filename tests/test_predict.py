@@ -28,9 +28,11 @@ class NotWeights:
 
 @pytest.fixture(scope="module")
 def run(ray_local, tmp_path_factory):
-    """A 3-epoch digits run: (run directory, its summary, its test split, class names)."""
+    """A 3-epoch digits run with flip test-time augmentation: (run directory, its summary,
+    its test split, class names)."""
     storage = tmp_path_factory.mktemp("runs")
-    assert main(["train", "--workers", "1", "--storage", str(storage), "--name", "d", "--set", "train.epochs=3"]) == 0
+    assert main(["train", "--workers", "1", "--storage", str(storage), "--name", "d", "--set", "train.epochs=3",
+                 "--set", "train.tta=flip"]) == 0
     summary = json.loads((storage / "d" / "summary.json").read_text())
     data = load_data(TrainRunConfig.from_dict(summary["config"]).data)
     return storage / "d", summary, data.test, data.classes
@@ -130,14 +132,32 @@ def test_tune_experiment_uses_its_best_trial_on_the_digits_test_split(run, tuned
     code, printed, rows = tuned
     assert code == 0
     assert "tune experiment's best trial" in printed and summary["checkpoint"] in printed
+    # predict follows the checkpoint's train.tta (flip), as summary.json's test evaluation did
+    assert "test-time augmentation flip," in printed
     assert f"{_printed_accuracy(printed):.4f}" == f"{summary['test_accuracy']:.4f}"
     assert len(rows) == len(test) and [r["label"] for r in rows] == test.y.tolist()
+
+
+def test_summary_test_accuracy_is_the_checkpoints_flip_tta_accuracy(run):
+    from trainers.checkpoints import load_state, model_from_state
+    from trainers.inference import inference_precision
+    from trainers.loop import autocast_for
+    from trainers.tta import TTA
+
+    _, summary, test, _ = run
+    model, cfg, _ = model_from_state(load_state(summary["checkpoint"]))
+    assert cfg.train.tta == "flip"
+    with torch.no_grad(), autocast_for(inference_precision(cfg, "cpu"), torch.device("cpu")):
+        logits = TTA["flip"](model.net, model.prepare(test.x))
+    assert summary["test_accuracy"] == pytest.approx(float((logits.argmax(1) == test.y).float().mean()))
 
 
 def test_export_loads_in_plain_pytorch_and_predicts_the_same(run, tuned, tmp_path, capsys):
     run_dir, summary, test, classes = run
     model = tmp_path / "model.pt"
+    capsys.readouterr()
     assert main(["export", "--checkpoint", summary["checkpoint"], "--out", str(model)]) == 0
+    assert "(test-time augmentation flip)" in capsys.readouterr().out  # the checkpoint's, as predict's
     # The export is fp32; so was `predict` above wherever the run's precision resolves to fp32.
     predicted = tuned[2]
     if inference_precision(TrainRunConfig.from_dict(summary["config"]), "cpu") != "fp32":
@@ -162,6 +182,7 @@ def test_export_loads_in_plain_pytorch_and_predicts_the_same(run, tuned, tmp_pat
         print(json.dumps({{"pred": probs.argmax(1).tolist(), "probs": probs.tolist(), "classes": list(m.classes),
                           "extra": json.loads(extra["classes.json"]),
                           "shape": json.loads(extra["meta.json"])["image_shape"],
+                          "tta": json.loads(extra["meta.json"])["tta"],
                           "raysweep_loaded": [k for k in sys.modules if k.split(".")[0] in ("trainers", "cluster")]}}))
     """)
     done = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True,
@@ -169,7 +190,7 @@ def test_export_loads_in_plain_pytorch_and_predicts_the_same(run, tuned, tmp_pat
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["raysweep_loaded"] == [] and got["classes"] == classes == got["extra"]
-    assert got["shape"] == list(test.x.shape[1:])
+    assert got["shape"] == list(test.x.shape[1:]) and got["tta"] == "flip"
     assert got["pred"] == [r["pred_index"] for r in predicted]
     for row, probs in zip(predicted, got["probs"]):
         assert row["topk_probs"] == pytest.approx([probs[classes.index(c)] for c in row["topk_classes"]], abs=1e-5)
@@ -204,6 +225,10 @@ def test_bad_requests_are_refused_before_any_work(run, tmp_path, capsys):
     for argv, message in cases:
         assert main(["predict", *argv, "--out", out]) == 2, argv
         assert message in capsys.readouterr().err, argv
+    for command in (["predict", "--data", "digits"], ["export"]):  # argparse: exit 2, the choices listed
+        with pytest.raises(SystemExit) as e:
+            main([*command, "--checkpoint", str(run_dir), "--out", out, "--tta", "mirror"])
+        assert e.value.code == 2 and "--tta: invalid choice: 'mirror'" in capsys.readouterr().err
     (tmp_path / "pets" / "cats").mkdir(parents=True)
     (tmp_path / "pets" / "cats" / "x.png").write_bytes(b"")
     pets = ["--checkpoint", str(run_dir), "--data", f"imagefolder:{tmp_path / 'pets'}", "--out", out]

@@ -18,6 +18,9 @@ from cluster.cli import main
 from cluster.tables import EPOCHS_SCHEMA
 from cluster.tune_results import trials_schema
 from search_spaces.space import load_space
+from trainers.checkpoints import evaluate_state, load_state
+from trainers.config import TrainRunConfig
+from trainers.data import load_data
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +36,7 @@ def _trials(run_dir):
 
 def test_small_search_with_asha_writes_tables_plots_and_best(tmp_path):
     assert _tune(tmp_path, "s", "--space", "digits_cnn", "--trials", "6", "--max-epochs", "4",
-                 "--grace-period", "1", "--reduction-factor", "2", "--seed", "1") == 0
+                 "--grace-period", "1", "--reduction-factor", "2", "--seed", "1", "--set", "train.tta=flip") == 0
     run = tmp_path / "s"
     trials = _trials(run)
     assert len(trials) == 6 and len({t["trial_id"] for t in trials}) == 6
@@ -50,6 +53,13 @@ def test_small_search_with_asha_writes_tables_plots_and_best(tmp_path):
     assert best["best_val_accuracy"] == max(t["best_val_accuracy"] for t in trials)
     assert 0.5 < best["test_accuracy"] <= 1 and {"test_precision", "test_recall", "test_f1"} <= set(best)
     assert Path(best["checkpoint"], "state.pt").is_file()
+    # best.json's test metrics are the best checkpoint's with the config's test-time augmentation.
+    cfg = TrainRunConfig.from_dict(best["config"])
+    assert cfg.train.tta == "flip"
+    test = load_data(cfg.data).test
+    direct = evaluate_state(load_state(best["checkpoint"]), test, tta="flip")
+    assert best["test_accuracy"] == pytest.approx(direct["test_accuracy"])
+    assert best["test_loss"] == pytest.approx(direct["test_loss"])
     for png in ("optimisation_history.png", "importance.png", "learning_curves.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
     # The study lives in the experiment directory, for optuna-dashboard and resumes.

@@ -19,6 +19,7 @@ from trainers.data import Split
 from trainers.loop import Model, Normalizer, evaluate, reduce_validation, resolve_precision, split_batches
 from trainers.models import build_model
 from trainers.streaming import torch_batches
+from trainers.tta import TTANet
 
 STATE_FILE = "state.pt"
 
@@ -79,13 +80,16 @@ def model_from_state(state: dict, device: torch.device | str = "cpu") -> tuple[M
 
 
 def evaluate_state(state: dict, split, device: torch.device | str = "cpu", prefix: str = "test",
-                   confusion: bool = False) -> dict:
+                   confusion: bool = False, tta: str | None = None) -> dict:
     """Accuracy and macro precision/recall/F1 of a checkpoint (one process) on ``split``:
     an in-memory ``Split``, or a Ray Dataset of a streamed set. With ``confusion``, also
     ``<prefix>_confusion_matrix`` (``[true][predicted]`` counts, plain lists for JSON) and
-    ``<prefix>_classes`` (the class names, in the matrix's order)."""
+    ``<prefix>_classes`` (the class names, in the matrix's order). ``tta``: the test-time
+    augmentation (``trainers.tta``; default the checkpoint's ``train.tta``); the loss is that
+    of the averaged logits."""
     device = torch.device(device)
     model, cfg, meta = model_from_state(state, device)
+    model = dataclasses.replace(model, net=TTANet(model.net, tta or cfg.train.tta))
     if isinstance(split, Split):
         batches = split_batches(Split(split.x.to(device), split.y.to(device)))
     else:

@@ -16,7 +16,7 @@ from trainers.preprocess import TRAIN_CROPS
 
 def _known(kind: str) -> list[str]:
     # Imported lazily: the registries' modules import this one for their config types.
-    from trainers import augment, data, losses, models, optim  # noqa: F401
+    from trainers import augment, data, losses, models, optim, tta  # noqa: F401
 
     return {
         "data set": data.DATASETS,
@@ -24,6 +24,7 @@ def _known(kind: str) -> list[str]:
         "loss": losses.LOSSES,
         "optimizer": optim.OPTIMIZERS,
         "schedule": optim.SCHEDULES,
+        "test-time augmentation": tta.TTA,
     }[kind].names()
 
 
@@ -283,6 +284,8 @@ class TrainConfig:
     workers from the last checkpoint. ``checkpoint_every_minutes`` (0: off) adds checkpoints
     inside long epochs, each with its position (step, data order, RNG states), so a restarted
     run continues mid-epoch; a preempted worker (SIGTERM) checkpoints at the next step anyway.
+    ``tta`` (``trainers.tta``: none, flip, flip_translate) scores the final test evaluation,
+    and predict/export by default; per-epoch validation stays plain, so selection is unchanged.
     """
 
     epochs: int = 12
@@ -294,6 +297,7 @@ class TrainConfig:
     max_failures: int = 2
     channels_last: bool = True
     checkpoint_every_minutes: float = 0.0
+    tta: str = "none"
 
     def problems(self) -> list[str]:
         return _drop_none(
@@ -304,6 +308,7 @@ class TrainConfig:
                 range_problem("checkpoint_every", self.checkpoint_every, 1),
                 range_problem("max_failures", self.max_failures, 0),
                 range_problem("checkpoint_every_minutes", self.checkpoint_every_minutes, 0),
+                choice_problem("tta", self.tta, _known("test-time augmentation"), "test-time augmentation"),
             ]
         )
 

@@ -28,6 +28,7 @@ from trainers.checkpoints import network_from_state
 from trainers.config import TrainRunConfig
 from trainers.loop import Normalizer, autocast_for, resolve_precision
 from trainers.preprocess import RESIZE_RATIO
+from trainers.tta import TTA, TTANet
 
 
 class InferenceError(ValueError):
@@ -80,6 +81,16 @@ def inference_precision(cfg: TrainRunConfig, device: torch.device | str, request
     return resolve_precision(requested or cfg.train.precision, torch.device(device))
 
 
+def tta_level(cfg: TrainRunConfig, requested: str | None = None) -> str:
+    """The test-time augmentation for this checkpoint: ``requested``, else its ``train.tta``
+    (what its test evaluation used); ``InferenceError`` for an unknown level."""
+    level = requested or cfg.train.tta
+    if level not in TTA:
+        raise InferenceError(f"--tta: {level!r} is not a known test-time augmentation; "
+                             f"choose one of: {', '.join(TTA.names())}")
+    return level
+
+
 def topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most probable classes per row: (indices int64 ``(N, k)``, probabilities float32 ``(N, k)``)."""
     probs = torch.softmax(logits.float(), dim=1)
@@ -88,16 +99,17 @@ def topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict(clf: Classifier, x: torch.Tensor, k: int, precision: str = "fp32"):
+def predict(clf: Classifier, x: torch.Tensor, k: int, precision: str = "fp32", tta: str = "none"):
     """uint8 ``(N, C, H, W)`` -> (predicted index ``(N,)``, top-k indices, top-k probabilities).
 
     The prediction is the argmax of the logits, as ``trainers.loop.evaluate`` scores it, and
-    under the same autocast precision, so accuracy here equals the run's test accuracy.
+    under the same autocast precision and test-time augmentation (``trainers.tta``), so
+    accuracy here equals the run's test accuracy.
     """
     device = next(clf.parameters()).device
     x = x.to(device)
     with autocast_for(precision, device):
-        logits = clf(x)
+        logits = TTA[tta](clf.net, clf.normalize(x))
     logits = logits.float()
     indices, values = topk(logits, k)
     return logits.argmax(1), indices, values
@@ -152,18 +164,21 @@ class _Exported(nn.Module):
         return torch.softmax(self.net(z).float(), dim=1)
 
 
-def export_torchscript(state: dict, path: str | Path) -> Path:
+def export_torchscript(state: dict, path: str | Path, tta: str | None = None) -> Path:
     """Write the checkpoint as one TorchScript file (fp32, CPU): network + normalisation +
     class names (attribute ``classes`` and extra file ``classes.json``; ``meta.json`` holds
-    image shape, mean, std and the training config)."""
+    image shape, mean, std, ``tta`` and the training config). ``tta`` (default the checkpoint's
+    ``train.tta``) is traced into the file: its probabilities are the softmax of the averaged
+    logits, as ``predict`` gives with the same level."""
     clf, cfg = classifier_from_state(state, "cpu")
+    level = tta_level(cfg, tta)
     clf.requires_grad_(False)  # an inference file: outputs carry no autograd graph
     meta = state["meta"]
     shape = tuple(int(s) for s in meta["image_shape"])
     example = torch.zeros((2, *shape))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript deprecated, still loads it
-        traced = torch.jit.trace(clf.net, example, check_trace=False)
+        traced = torch.jit.trace(TTANet(clf.net, level), example, check_trace=False)
         # Scripted (not traced) on top so the input checks and the class names survive.
         resize = (meta.get("preprocess") or {}).get("resize")
         module = torch.jit.script(_Exported(traced, meta["mean"], meta["std"], clf.classes, shape, resize).eval())
@@ -172,7 +187,7 @@ def export_torchscript(state: dict, path: str | Path) -> Path:
         "meta.json": json.dumps({"image_shape": list(shape), "mean": list(meta["mean"]), "std": list(meta["std"]),
                                  "preprocess": meta.get("preprocess"),
                                  "input": "uint8 (N, C, H, W)" + (", any H and W: resized inside" if resize else ""),
-                                 "output": "probabilities (N, K)",
+                                 "output": "probabilities (N, K)", "tta": level,
                                  "config": meta["config"]}),
     }
     path = Path(path)
