@@ -1,0 +1,54 @@
+"""Cross-validation folds (search_spaces/cv.py): plain functions, no Ray."""
+
+import numpy as np
+import pytest
+import torch
+
+from search_spaces.cv import cv_problems, fold_data, fold_indices, refit_data
+from trainers.configtools import ConfigError
+from trainers.data import ImageData, Split
+
+LABELS = np.array([0] * 10 + [1] * 7 + [2] * 5)
+
+
+def test_folds_are_disjoint_cover_every_index_and_are_stratified():
+    folds = fold_indices(LABELS, 3, seed=1)
+    together = np.concatenate(folds)
+    assert sorted(together.tolist()) == list(range(len(LABELS)))  # disjoint and covering
+    sizes = [len(f) for f in folds]
+    assert max(sizes) - min(sizes) <= 1
+    for cls in range(3):
+        per_fold = [int((LABELS[f] == cls).sum()) for f in folds]
+        assert max(per_fold) - min(per_fold) <= 1 and min(per_fold) >= 1, (cls, per_fold)
+
+
+def test_folds_are_a_pure_function_of_seed_and_labels():
+    assert all(np.array_equal(a, b) for a, b in zip(fold_indices(LABELS, 4, 7), fold_indices(LABELS, 4, 7)))
+    assert not all(np.array_equal(a, b) for a, b in zip(fold_indices(LABELS, 4, 7), fold_indices(LABELS, 4, 8)))
+
+
+@pytest.mark.parametrize("k, words", [(1, ">= 2"), (0, ">= 2"), (2.5, "whole number"), (True, "whole number"),
+                                      (6, "class 2 has only 5")])
+def test_bad_fold_counts_are_refused_naming_flag_value_and_fix(k, words):
+    problems = cv_problems(k, LABELS)
+    assert len(problems) == 1 and problems[0].startswith("--cv:") and words in problems[0], problems
+    with pytest.raises(ConfigError, match="--cv"):
+        fold_indices(LABELS, k, 0)
+    assert cv_problems(5, LABELS) == []
+
+
+def test_fold_data_keeps_the_test_split_and_validates_on_unseen_images():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (30, 1, 4, 4), dtype=torch.uint8, generator=gen)
+    y = torch.arange(30) % 3
+    test = Split(x[:6], y[:6])
+    data = ImageData(Split(x[6:24], y[6:24]), Split(x[24:], y[24:]), test, ["a", "b", "c"], (0.5,), (0.2,))
+    folds = fold_data(data, 3, seed=0)
+    assert len(folds) == 3 and all(f.test is test for f in folds)
+    val_ids = [set(map(tuple, f.val.x.flatten(1).tolist())) for f in folds]
+    for f, ids in zip(folds, val_ids):
+        assert len(f.train) + len(f.val) == 24  # train + val of the run, never its test
+        assert not ids & set(map(tuple, f.train.x.flatten(1).tolist()))
+    assert sum(len(v) for v in val_ids) == 24
+    refit = refit_data(data)
+    assert len(refit.train) == 24 and refit.test is test
