@@ -52,3 +52,45 @@ def test_fold_data_keeps_the_test_split_and_validates_on_unseen_images():
     assert sum(len(v) for v in val_ids) == 24
     refit = refit_data(data)
     assert len(refit.train) == 24 and refit.test is test
+
+
+def test_fold_rows_take_the_best_epoch_by_the_checkpoint_metric_and_the_last_one():
+    from cluster.cv_cmd import fold_metrics, mean_std
+
+    history = [{"epoch": e, "val_loss": loss, "val_accuracy": acc} for e, loss, acc in
+               [(1, 0.9, 0.5), (2, 0.4, 0.8), (3, 0.5, 0.8)]]
+    row = fold_metrics(history, "val_accuracy", "max")
+    assert row["best_epoch"] == 2 and row["best_val_loss"] == 0.4 and row["final_val_loss"] == 0.5
+    assert fold_metrics(history, "val_loss", "min")["best_epoch"] == 2
+    rows = [{"fold": 1, "status": "completed", "best_val_accuracy": 0.8},
+            {"fold": 2, "status": "completed", "best_val_accuracy": 0.6},
+            {"fold": 3, "status": "failed", "best_val_accuracy": 0.0}]  # a failed fold is left out
+    stats = mean_std(rows)
+    assert stats["mean"] == {"best_val_accuracy": pytest.approx(0.7)}
+    assert stats["std"]["best_val_accuracy"] == pytest.approx(0.1414213, rel=1e-5)  # sample std (n-1)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--cv", "1"], "--cv: 1 must be a whole number >= 2"),
+    (["--cv", "200"], "--cv: 200 folds but class"),
+    (["--cv-refit"], "--cv-refit: refits after cross-validation; add --cv K"),
+    (["--cv", "3", "--tensorboard"], "--mlflow/--tensorboard: not available with --cv"),
+])
+def test_bad_cv_requests_exit_2_before_ray_starts(tmp_path, capsys, args, words):
+    import ray
+
+    from cluster.cli import main
+
+    assert main(["train", "--storage", str(tmp_path), "--name", "cv", *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
+    assert not ray.is_initialized() and not (tmp_path / "cv").exists()
+
+
+def test_cv_refuses_a_streamed_set_whose_val_split_is_fixed(tiny_parquet, tmp_path, capsys):
+    from cluster.cli import main
+
+    code = main(["train", "--storage", str(tmp_path / "runs"), "--name", "cv", "--cv", "3", "--set",
+                 "data.name=parquet", "--set", f"data.root={tiny_parquet}", "--set", "data.streaming=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--cv: this data set streams" in err and "data.streaming=false" in err, err

@@ -194,3 +194,27 @@ def test_a_hosted_controller_whose_thread_is_ended_frees_its_workers_at_once(tmp
         time.sleep(0.2)
     assert ray.available_resources().get("CPU") == 2
     ray.kill(host)
+
+
+def test_cv_three_folds_with_refit_and_a_resume_that_skips_finished_folds(tmp_path, capsys):
+    """`train --cv 3 --cv-refit` on digits, 1 worker a fold, 2 folds at a time on 2 CPUs."""
+    args = ["train", "--workers", "1", "--storage", str(tmp_path), "--name", "cv", "--cv", "3", "--cv-refit",
+            "--set", "train.epochs=2"]
+    assert main(args) == 0
+    run = tmp_path / "cv"
+    folds = pq.read_table(run / "cv.parquet").to_pylist()
+    assert [f["fold"] for f in folds] == [1, 2, 3] and all(f["status"] == "completed" for f in folds)
+    assert sum(f["val_images"] for f in folds) == folds[0]["train_images"] + folds[0]["val_images"]
+    assert all(f["best_val_accuracy"] > 0.5 and "test_accuracy" not in f for f in folds)  # no test figure per fold
+    history = pq.read_table(run / "history.parquet")
+    assert history.column("fold").to_pylist() == [1, 1, 2, 2, 3, 3]
+    summary = _summary(run)
+    accs = [f["best_val_accuracy"] for f in folds]
+    assert summary["mean"]["best_val_accuracy"] == pytest.approx(sum(accs) / 3)
+    assert summary["std"]["best_val_accuracy"] > 0
+    assert summary["refit"]["epochs"] == 2 and summary["test_accuracy"] == summary["refit"]["test_accuracy"] > 0.5
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0  # the same folds, none run again
+    out = capsys.readouterr().out
+    assert out.count("finished before (completed); skipped") == 3 and "train_loss" not in out, out[-2000:]
+    assert pq.read_table(run / "cv.parquet").to_pylist() == folds
