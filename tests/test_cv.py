@@ -94,3 +94,15 @@ def test_cv_refuses_a_streamed_set_whose_val_split_is_fixed(tiny_parquet, tmp_pa
                  "data.name=parquet", "--set", f"data.root={tiny_parquet}", "--set", "data.streaming=true"])
     err = capsys.readouterr().err
     assert code == 2 and "--cv: this data set streams" in err and "data.streaming=false" in err, err
+
+
+def test_the_python_api_refuses_bad_cv_arguments_before_ray(tmp_path):
+    import ray
+
+    import raysweep
+
+    with pytest.raises(ConfigError, match="cv_refit: refits after cross-validation"):
+        raysweep.train(cv_refit=True, storage=str(tmp_path), name="api")
+    with pytest.raises(ConfigError, match="--cv: 1 must be"):
+        raysweep.train(cv=1, storage=str(tmp_path), name="api")
+    assert not ray.is_initialized()
