@@ -197,9 +197,10 @@ def test_a_hosted_controller_whose_thread_is_ended_frees_its_workers_at_once(tmp
 
 
 def test_cv_three_folds_with_refit_and_a_resume_that_skips_finished_folds(tmp_path, capsys):
-    """`train --cv 3 --cv-refit` on digits, 1 worker a fold, 2 folds at a time on 2 CPUs."""
-    args = ["train", "--workers", "1", "--storage", str(tmp_path), "--name", "cv", "--cv", "3", "--cv-refit",
-            "--set", "train.epochs=2"]
+    """`train --cv 3 --cv-refit` on digits: 1 worker of half a CPU a fold, so all 3 folds run at once on 2 CPUs
+    (one wave of fit start-ups, not two)."""
+    args = ["train", "--workers", "1", "--cpus-per-worker", "0.5", "--storage", str(tmp_path), "--name", "cv",
+            "--cv", "3", "--cv-refit", "--set", "train.epochs=2"]
     assert main(args) == 0
     run = tmp_path / "cv"
     folds = pq.read_table(run / "cv.parquet").to_pylist()
@@ -209,6 +210,7 @@ def test_cv_three_folds_with_refit_and_a_resume_that_skips_finished_folds(tmp_pa
     history = pq.read_table(run / "history.parquet")
     assert history.column("fold").to_pylist() == [1, 1, 2, 2, 3, 3]
     summary = _summary(run)
+    assert summary["folds_at_once"] == 3
     accs = [f["best_val_accuracy"] for f in folds]
     assert summary["mean"]["best_val_accuracy"] == pytest.approx(sum(accs) / 3)
     assert summary["std"]["best_val_accuracy"] > 0
