@@ -14,6 +14,7 @@ skips each fold whose ``fold.json`` says it finished.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,21 @@ def cv_data(data: ImageData | StreamPlan, folds: int, seed: int) -> list[ImageDa
     return fold_data(data, folds, seed)
 
 
+def keep_fold_plan(store: ResultsStore, req: TrainRequest, folds: int) -> None:
+    """Record what the folds are made of (``cv.json``); a resume must make the same folds, or
+    the finished ones it skips would belong to another split."""
+    plan = {"folds": folds, "data_seed": req.cfg.data.seed, "data": req.cfg.to_dict()["data"]}
+    plan = json.loads(json.dumps(plan))  # as read back: tuples become lists
+    before = store.read_json("cv.json")
+    if before is None and req.resume and store.exists("summary.json"):
+        raise ConfigError([f"--cv: {store.uri} is a run without --cv; resume it without --cv, or choose a new --name"])
+    if before is not None and before != plan:
+        raise ConfigError([f"--cv {folds}: {store.uri} was cross-validated with --cv {before['folds']}, data.seed "
+                           f"{before['data_seed']} and its own data settings; resume it with those, or choose a new "
+                           "--name"])
+    store.write_json("cv.json", plan)
+
+
 def folds_at_once(placement: Placement, folds: int) -> int:
     """How many folds the cluster runs side by side (each takes one placement's workers)."""
     have = capacity()
@@ -83,6 +99,7 @@ def run_cv(req: TrainRequest, folds: int, refit: bool = False, data: ImageData |
     store = check_run_target(req.storage, req.name, req.resume, "train")
     data = data or load_for_training(req.cfg)
     per_fold = cv_data(data, folds, req.cfg.data.seed)  # before Ray starts: data errors come first
+    keep_fold_plan(store, req, folds)
     connect(req.address, dashboard=EMBEDDED_DASHBOARD)
     check_fits(req.placement)
     parallel = folds_at_once(req.placement, folds)

@@ -106,3 +106,23 @@ def test_the_python_api_refuses_bad_cv_arguments_before_ray(tmp_path):
     with pytest.raises(ConfigError, match="--cv: 1 must be"):
         raysweep.train(cv=1, storage=str(tmp_path), name="api")
     assert not ray.is_initialized()
+
+
+def test_a_resume_with_other_folds_is_refused_before_ray(tmp_path, capsys):
+    import json
+
+    import ray
+
+    from cluster.cli import main
+    from trainers.config import TrainRunConfig
+
+    run = tmp_path / "cv"
+    run.mkdir(mode=0o700)
+    plan = {"folds": 3, "data_seed": 0, "data": TrainRunConfig.from_dict({}).to_dict()["data"]}
+    (run / "cv.json").write_text(json.dumps(plan))
+    assert main(["train", "--storage", str(tmp_path), "--name", "cv", "--resume", "--cv", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--cv 4:" in err and "was cross-validated with --cv 3" in err and "Traceback" not in err, err
+    assert main(["train", "--storage", str(tmp_path), "--name", "cv", "--resume", "--cv", "3",
+                 "--set", "data.seed=1"]) == 2
+    assert "data.seed 0" in capsys.readouterr().err and not ray.is_initialized()
