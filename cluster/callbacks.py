@@ -31,8 +31,8 @@ class TrainHistoryCallback(UserCallback):
     epochs after its last checkpoint; their rows replace the earlier ones.
     """
 
-    def __init__(self, storage: str, name: str):
-        self.storage, self.name = storage, name
+    def __init__(self, storage: str, name: str, prefix: str = ""):
+        self.storage, self.name, self.prefix = storage, name, prefix  # prefix: "fold 2  " (--cv)
         self._log: EpochLog | None = None
         self._store: ResultsStore | None = None
 
@@ -44,4 +44,4 @@ class TrainHistoryCallback(UserCallback):
         self._log.add(m)
         self._store.write_table("history.parquet", self._log.table())
         self._store.write_json("progress.json", {**m, "updated_at": time.time()})
-        print(format_epoch(m), flush=True)
+        print(format_epoch(m, self.prefix), flush=True)

@@ -92,6 +92,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=positive_int, default=2, help="data-parallel workers (default 2)")
     p.add_argument("--cpus-per-worker", type=positive_float, default=1.0, help="CPUs each worker takes (> 0)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl); refused where there is none")
+    p.add_argument("--cv", type=int, metavar="K", help="stratified K-fold cross-validation over the training images "
+                   "(K >= 2; each fold a Ray Train run; the test split stays untouched)")
+    p.add_argument("--cv-refit", action="store_true", help="with --cv: then train one model on all training images "
+                   "for the folds' mean best epoch count and evaluate it on the test split")
     add_price(p)
     add_tracking(p)
 
@@ -112,7 +116,14 @@ def _train(args) -> int:
     name = train_cmd.default_name(cfg) if args.name is None else args.name  # "" is refused, not defaulted
     req = train_cmd.TrainRequest(cfg, placement, args.storage, name, args.address, resume=args.resume,
                                  prices=parse_prices(args.price), tracking=tracking_options(args))
-    summary = train_cmd.run(req)
+    if args.cv_refit and args.cv is None:
+        raise ConfigError(["--cv-refit: refits after cross-validation; add --cv K (e.g. --cv 5)"])
+    if args.cv is not None:
+        from cluster import cv_cmd
+
+        summary = cv_cmd.run_cv(req, args.cv, refit=args.cv_refit)
+    else:
+        summary = train_cmd.run(req)
     return EXIT_OK if summary["status"] in (train_cmd.COMPLETED, train_cmd.EARLY_STOPPED) else EXIT_FAILED
 
 

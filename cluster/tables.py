@@ -21,6 +21,7 @@ EPOCH_FIELDS = [
 
 HISTORY_SCHEMA = pa.schema(EPOCH_FIELDS)  # history.parquet of `raysweep train`
 EPOCHS_SCHEMA = pa.schema([pa.field("trial_id", pa.string())] + EPOCH_FIELDS)  # epochs.parquet of `raysweep tune`
+CV_HISTORY_SCHEMA = pa.schema([pa.field("fold", pa.int32())] + EPOCH_FIELDS)  # history.parquet of `train --cv`
 
 
 def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:

@@ -61,11 +61,14 @@ def _tracking(mlflow: str | bool | None, tensorboard: str | bool | None):
 def train(config: str | Path | Mapping | None = None, *, overrides: Overrides | None = None, workers: int = 2,
           cpus_per_worker: float = 1.0, gpu: bool = False, storage: str = "./runs", name: str | None = None,
           address: str | None = None, resume: bool = False, prices: Mapping[str, float] | str | None = None,
-          mlflow: str | bool | None = None, tensorboard: str | bool | None = None) -> dict:
+          mlflow: str | bool | None = None, tensorboard: str | bool | None = None, cv: int | None = None,
+          cv_refit: bool = False) -> dict:
     """`raysweep train`: one data-parallel run. Returns its ``summary.json`` (``status``,
     test metrics, ``checkpoint`` URI, ``cpu_seconds``, ``gpu_seconds``, ``cost`` given
     ``prices`` such as ``{"gpu_hour": 1.2, "cpu_hour": 0.05}``, ...). ``mlflow``/``tensorboard``:
-    ``True`` or a tracking URI / a directory, as ``--mlflow``/``--tensorboard``."""
+    ``True`` or a tracking URI / a directory, as ``--mlflow``/``--tensorboard``. ``cv=K``:
+    stratified K-fold cross-validation instead (``--cv K``; the summary then has ``mean``
+    and ``std`` per metric), with ``cv_refit=True`` the refit evaluated on the test split."""
     from cluster import train_cmd
     from cluster.cost import parse_prices
     from trainers.config import TrainRunConfig
@@ -76,6 +79,12 @@ def train(config: str | Path | Mapping | None = None, *, overrides: Overrides | 
     req = train_cmd.TrainRequest(cfg, placement, storage, _name(name, resume, train_cmd.default_name(cfg)),
                                  address, resume=resume, prices=parse_prices(prices, "prices"),
                                  tracking=_tracking(mlflow, tensorboard))
+    if cv is not None or cv_refit:
+        from cluster import cv_cmd
+
+        if cv is None:
+            raise ConfigError(["cv_refit: refits after cross-validation; give cv=K too (e.g. cv=5)"])
+        return cv_cmd.run_cv(req, cv, refit=cv_refit)
     return train_cmd.run(req)
 
 

@@ -155,3 +155,29 @@ def test_bad_input_exits_2_before_ray_work(tmp_path, capsys):
                  "--storage", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing was started or written
+
+
+def test_cv_three_folds_with_refit_and_a_resume_that_skips_finished_folds(tmp_path, capsys):
+    """`train --cv 3 --cv-refit` on digits: 1 worker of half a CPU a fold, so all 3 folds run at once on 2 CPUs
+    (one wave of fit start-ups, not two)."""
+    args = ["train", "--workers", "1", "--cpus-per-worker", "0.5", "--storage", str(tmp_path), "--name", "cv",
+            "--cv", "3", "--cv-refit", "--set", "train.epochs=2"]
+    assert main(args) == 0
+    run = tmp_path / "cv"
+    folds = pq.read_table(run / "cv.parquet").to_pylist()
+    assert [f["fold"] for f in folds] == [1, 2, 3] and all(f["status"] == "completed" for f in folds)
+    assert sum(f["val_images"] for f in folds) == folds[0]["train_images"] + folds[0]["val_images"]
+    assert all(f["best_val_accuracy"] > 0.5 and "test_accuracy" not in f for f in folds)  # no test figure per fold
+    history = pq.read_table(run / "history.parquet")
+    assert history.column("fold").to_pylist() == [1, 1, 2, 2, 3, 3]
+    summary = _summary(run)
+    assert summary["folds_at_once"] == 3
+    accs = [f["best_val_accuracy"] for f in folds]
+    assert summary["mean"]["best_val_accuracy"] == pytest.approx(sum(accs) / 3)
+    assert summary["std"]["best_val_accuracy"] > 0
+    assert summary["refit"]["epochs"] == 2 and summary["test_accuracy"] == summary["refit"]["test_accuracy"] > 0.5
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0  # the same folds, none run again
+    out = capsys.readouterr().out
+    assert out.count("finished before (completed); skipped") == 3 and "train_loss" not in out, out[-2000:]
+    assert pq.read_table(run / "cv.parquet").to_pylist() == folds
