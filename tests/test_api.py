@@ -21,6 +21,9 @@ def readme_python_example() -> str:
 
 
 def test_the_readmes_python_example_runs(tmp_path, monkeypatch, capsys):
+    """The README shows examples/api_quickstart.py's code verbatim, so this one run covers both."""
+    example = (Path(__file__).resolve().parent.parent / "examples" / "api_quickstart.py").read_text()
+    assert example.split('"""\n\n', 1)[1] == readme_python_example()
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(readme_python_example(), "README.md (Python API)", "exec"), scope)
