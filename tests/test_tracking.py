@@ -121,6 +121,9 @@ def test_a_sink_that_fails_mid_run_warns_once_and_is_dropped(in_tmp, capsys):
 def test_a_missing_extra_is_refused_with_what_to_install(tmp_path, monkeypatch, capsys):
     import sys
 
+    import ray
+
+    ray.shutdown()  # an earlier module's Ray (the CLI leaves its own up), so "no Ray started" can be checked
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed: importlib finds no spec
     code = main(["train", "--mlflow", "--storage", str(tmp_path), "--name", "x", "--tensorboard", "s3://b/tb"])
     err = capsys.readouterr().err
@@ -132,8 +135,6 @@ def test_a_missing_extra_is_refused_with_what_to_install(tmp_path, monkeypatch, 
 
     with pytest.raises(raysweep.ConfigError, match=r"pip install 'raysweep\[mlflow\]'"):
         raysweep.train(mlflow=True, workers=1, storage=str(tmp_path), name="api")
-    import ray
-
     assert not ray.is_initialized(), "a refused request started Ray"
     problems = TrackingOptions(tensorboard="").problems("s3://bucket/runs")
     assert problems and "name a local directory" in problems[0]
