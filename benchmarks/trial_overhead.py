@@ -1,70 +1,59 @@
-"""trial_overhead: what a search trial costs beyond its training, for trials of 1 and of 2
-workers, `raysweep tune` side by side with the plain pattern of Ray's docs (a Tune
-function trial that builds a ``TorchTrainer`` and forwards its reports with
-``TuneReportCallback``). Targets: <= 3 s per 1-worker trial; for 2-worker trials <= 0.5x
-the plain pattern's overhead, measured in the same run.
+"""trial_overhead: what a search costs per trial beyond its training, as a user waits for
+it, for trials of 1 and of 2 workers: `raysweep tune` side by side with the plain pattern
+of Ray's docs (a Tune function trial that builds a ``TorchTrainer`` and forwards its
+reports with ``TuneReportCallback``), in the same run.
 
-A trial's overhead = its wall time (Tune's ``on_trial_start`` to ``on_trial_complete``, as
-``trials.parquet`` records it) minus the sum of its epochs' ``epoch_seconds`` (training
-and evaluation, timed inside the worker). Both sides train the same thing (digits,
-``simple_cnn``, the ``digits_cnn`` space's defaults for the plain pattern, random points
-of that space for raysweep) with the same worker loop (``trainers``), 1 CPU per worker,
-no early stopping, as many trials at once as the CPUs fit (the plain pattern's function
-is given no CPU of its own, as raysweep's multi-worker trials are, so that the same
-number of trials run at once). Searches alternate: raysweep then plain, then the other
-way round.
+Search overhead per trial = (search wall x trial slots - training seconds) / trials.
+- The search wall is a whole command's: each side runs as its own process, from Python's
+  start to its exit, so Ray's start-up, data loading and shutdown are included.
+- Trial slots = the CPUs // workers per trial (1 CPU per worker): how many trials run at
+  once on both sides.
+- Training seconds = the sum of every epoch's ``epoch_seconds`` (training and evaluation,
+  timed inside the worker) on that side.
+Targets: <= 1.0 s per 1-worker trial at 12 trials; for 2-worker trials <= 0.5x the plain
+pattern's figure.
 
-Both sides share the embedded Ray's settings (loopback, no preemption watcher). The plain
-pattern's TorchTrainer keeps Ray Train's defaults, as a user of the documented pattern
-gets them; raysweep's 2-worker trials use ``trainers.distributed.run_training`` (Ray's
-``TorchTrainer`` too, with ``RAY_TRAIN_ENV``: 0.2 s controller poll instead of 2 s, no
-metrics callbacks).
-
-The embedded Ray runs without the in-worker timing hook (``worker_timing``): it would
-import torch and ``trainers`` in every Ray process that starts (controllers, cleaners,
-queues), which is start-up cost of the harness, not of either side.
+Both sides train the same thing (digits, ``simple_cnn``; the ``digits_cnn`` space's
+defaults for the plain pattern, random points of that space for raysweep), with the same
+worker loop (``trainers``), no early stopping, and the same embedded Ray settings
+(loopback, as ``cluster.connect`` starts it). The plain pattern's TorchTrainer keeps Ray
+Train's defaults, as a user of the documented pattern gets them. Searches alternate:
+raysweep then plain, then the other way round.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ray.tune import Callback
 
-from benchmarks.common import Result, alternate, local_ray, median, set_threads, spread
+from benchmarks.common import REPO, Result, alternate, local_ray, median, set_threads, spread
 
-TARGET_1W_SECONDS, TARGET_2W_RATIO = 3.0, 0.5
+TARGET_1W_SECONDS, TARGET_2W_RATIO = 1.0, 0.5
 
 SIZES = {
-    "full": dict(trials=6, epochs=3, rounds=2, workers=(1, 2), limit=None),
-    "quick": dict(trials=4, epochs=2, rounds=1, workers=(1, 2), limit=None),
+    "full": dict(trials=12, epochs=3, rounds=2, workers=(1, 2), limit=None),
+    "quick": dict(trials=12, epochs=1, rounds=1, workers=(1, 2), limit=600),
     "smoke": dict(trials=1, epochs=1, rounds=1, workers=(1,), limit=200),  # 2 workers: the same code
 }
+SEARCH_TIMEOUT_S = 1800
 
 
-class TrialTimer(Callback):
-    """A Tune callback: each trial's wall seconds and its epochs' ``epoch_seconds``."""
+class EpochTimer(Callback):
+    """A Tune callback: the ``epoch_seconds`` each trial reports, by trial."""
 
     def __init__(self):
-        self.started, self.wall, self.epochs = {}, {}, {}
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.started.setdefault(trial.trial_id, time.time())
+        self.epochs: dict[str, list[float]] = {}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.epochs.setdefault(trial.trial_id, []).append(float(result.get("epoch_seconds", 0.0)))
-
-    def _end(self, trial):
-        self.wall[trial.trial_id] = time.time() - self.started[trial.trial_id]
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._end(trial)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial)
 
 
 def plain_pattern_trial(config: dict, data=None) -> None:
@@ -89,132 +78,127 @@ def plain_pattern_trial(config: dict, data=None) -> None:
     trainer.fit()
 
 
-def plain_search(run_cfg: dict, data, workers: int, trials: int, concurrent: int, storage: str, name: str) -> dict:
+def plain_main(spec: dict) -> dict:
+    """The plain side's whole process: start Ray, load the data, run the search."""
+    import ray
     from ray import tune
 
+    from search_spaces.space import load_space
     from search_spaces.tuner import DRIVER_MEMORY_BYTES
+    from trainers.data import load_data
 
-    timer = TrialTimer()
-    fn = tune.with_resources(tune.with_parameters(plain_pattern_trial, data=data),
-                             {"cpu": 0, "memory": DRIVER_MEMORY_BYTES})
+    space = load_space("digits_cnn")
+    base = {"data": {"name": "digits", "limit": spec["limit"]}, "train": {"epochs": spec["epochs"]}}
+    run_cfg = space.trial_config(base, space.default_point())
+    timer = EpochTimer()
+    with local_ray(set_threads(), timing=False):
+        concurrent = max(1, int(ray.cluster_resources().get("CPU", 1)) // spec["workers"])
+        data = load_data(run_cfg.data)
+        fn = tune.with_resources(tune.with_parameters(plain_pattern_trial, data=data),
+                                 {"cpu": 0, "memory": DRIVER_MEMORY_BYTES})
+        tune.Tuner(
+            fn, param_space={"run": run_cfg.to_dict(), "workers": spec["workers"], "storage": spec["storage"]},
+            tune_config=tune.TuneConfig(num_samples=spec["trials"], max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=spec["name"], storage_path=spec["storage"], callbacks=[timer], verbose=0),
+        ).fit()
+    return {"trial_train": [sum(v) for v in timer.epochs.values()]}
+
+
+def timed(cmd: list[str], log: Path) -> float:
+    """Runs ``cmd`` as a user would (its own process) and returns its wall seconds."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)}
     start = time.time()
-    tune.Tuner(
-        fn,
-        param_space={"run": run_cfg, "workers": workers, "storage": storage},
-        tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[timer], verbose=0),
-    ).fit()
+    with log.open("w") as out:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=SEARCH_TIMEOUT_S)
     wall = time.time() - start
-    ids = sorted(timer.wall)
-    return {"trial_wall": [timer.wall[i] for i in ids], "trial_train": [sum(timer.epochs.get(i, [])) for i in ids],
-            "search_wall": wall}
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:4])}... exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    return wall
 
 
-def raysweep_search(workers: int, trials: int, epochs: int, limit, storage: str, name: str, seed: int) -> dict:
+def raysweep_search(workers: int, size: dict, storage: Path, name: str, seed: int) -> dict:
+    """``raysweep tune`` as the README runs it (random points, no early stopping)."""
     import pyarrow.parquet as pq
 
-    from cluster import tune_cmd
-    from search_spaces.space import load_space
-    from search_spaces.tuner import SearchConfig
-    from trainers.distributed import Placement
-
-    user = {"data": {"name": "digits", "limit": limit}}  # as --set would give them
-    search = SearchConfig(trials=trials, max_epochs=epochs, searcher="random", scheduler="none", grace_period=1,
-                          seed=seed, placement=Placement(workers=workers, cpus_per_worker=1.0)).validate()
-    req = tune_cmd.TuneRequest(load_space("digits_cnn"), user, search, storage, name)
-    start = time.time()
-    tune_cmd.run(req)
-    wall = time.time() - start
-    rows = pq.read_table(Path(storage) / name / "trials.parquet").to_pylist()
-    epochs_t = pq.read_table(Path(storage) / name / "epochs.parquet").to_pylist()
-    train = {r["trial_id"]: 0.0 for r in rows}
-    for e in epochs_t:
-        train[e["trial_id"]] += e["epoch_seconds"]
-    rows.sort(key=lambda r: r["trial_id"])
+    cmd = [sys.executable, "-m", "cluster", "tune", "--space", "digits_cnn", "--trials", str(size["trials"]),
+           "--max-epochs", str(size["epochs"]), "--searcher", "random", "--scheduler", "none", "--seed", str(seed),
+           "--workers-per-trial", str(workers), "--cpus-per-worker", "1", "--storage", str(storage), "--name", name]
+    cmd += ["--set", f"data.limit={size['limit']}"] if size["limit"] else []
+    wall = timed(cmd, storage / f"{name}.log")
+    rows = pq.read_table(storage / name / "trials.parquet").to_pylist()
     bad = [r for r in rows if r["status"] not in ("completed", "early_stopped")]
     if bad:
         raise RuntimeError(f"raysweep tune {name}: trials failed: {[(r['trial_id'], r['error']) for r in bad]}")
-    return {"trial_wall": [r["wall_seconds"] for r in rows], "trial_train": [train[r["trial_id"]] for r in rows],
-            "search_wall": wall}
+    train = {r["trial_id"]: 0.0 for r in rows}
+    for e in pq.read_table(storage / name / "epochs.parquet").to_pylist():
+        train[e["trial_id"]] += e["epoch_seconds"]
+    return {"trial_train": list(train.values()), "search_wall": wall}
+
+
+def plain_search(workers: int, size: dict, storage: Path, name: str) -> dict:
+    spec = {"workers": workers, "trials": size["trials"], "epochs": size["epochs"], "limit": size["limit"],
+            "storage": str(storage), "name": name, "out": str(storage / f"{name}.json")}
+    wall = timed([sys.executable, "-m", "benchmarks.trial_overhead", "plain", json.dumps(spec)],
+                 storage / f"{name}.log")
+    return {**json.loads(Path(spec["out"]).read_text()), "search_wall": wall}
+
+
+def per_trial(run: dict, slots: int) -> float:
+    """(search wall x trial slots - training seconds) / trials."""
+    return (run["search_wall"] * slots - sum(run["trial_train"])) / len(run["trial_train"])
 
 
 def run(mode: str = "full") -> Result:
-    import ray
-
-    from search_spaces.space import load_space
-    from trainers.data import load_data
-
     size = SIZES[mode]
-    threads = set_threads()
-    storage = tempfile.mkdtemp(prefix="raysweep-bench-trials-")
-    space = load_space("digits_cnn")
-    base = {"data": {"name": "digits", "limit": size["limit"]}, "train": {"epochs": size["epochs"]}}
-    run_cfg = space.trial_config(base, space.default_point())
+    cpus = set_threads()
+    storage = Path(tempfile.mkdtemp(prefix="raysweep-bench-trials-"))
     out: dict[str, list[dict]] = {}
+    slots = {w: max(1, cpus // w) for w in size["workers"]}
     counter = iter(range(1000))
-    slots: dict[int, int] = {}  # trials at once, by workers per trial
     try:
-        with local_ray(threads, timing=False):
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            data = load_data(run_cfg.data)
-            sides = {}
-            for w in size["workers"]:
-                concurrent = slots[w] = max(1, cpus // w)
-                out[f"raysweep {w}w"], out[f"plain {w}w"] = [], []
-
-                def ours(w=w):
-                    out[f"raysweep {w}w"].append(raysweep_search(
-                        w, size["trials"], size["epochs"], size["limit"], storage, f"ours-{w}w-{next(counter)}",
-                        seed=len(out[f"raysweep {w}w"])))
-                    return 0.0
-
-                def theirs(w=w, concurrent=concurrent):
-                    out[f"plain {w}w"].append(plain_search(run_cfg.to_dict(), data, w, size["trials"], concurrent,
-                                                           storage, f"plain-{w}w-{next(counter)}"))
-                    return 0.0
-
-                sides[f"raysweep {w}w"], sides[f"plain {w}w"] = ours, theirs
-            alternate(sides, reps=size["rounds"], warmup=0)
+        sides = {}
+        for w in size["workers"]:
+            ours, theirs = out.setdefault(f"raysweep {w}w", []), out.setdefault(f"plain {w}w", [])
+            sides[f"raysweep {w}w"] = lambda w=w, ours=ours: ours.append(
+                raysweep_search(w, size, storage, f"ours-{w}w-{next(counter)}", seed=len(ours))) or 0.0
+            sides[f"plain {w}w"] = lambda w=w, theirs=theirs: theirs.append(
+                plain_search(w, size, storage, f"plain-{w}w-{next(counter)}")) or 0.0
+        alternate(sides, reps=size["rounds"], warmup=0)
     finally:
         shutil.rmtree(storage, ignore_errors=True)
+    return result(out, slots, size, cpus)
 
-    overhead = {k: [wall - train for r in runs for wall, train in zip(r["trial_wall"], r["trial_train"])]
-                for k, runs in out.items()}
+
+def result(out: dict[str, list[dict]], slots: dict[int, int], size: dict, cpus: int) -> Result:
+    workers_of = {k: int(k.split()[-1][:-1]) for k in out}
+    overhead = {k: [per_trial(r, slots[workers_of[k]]) for r in runs] for k, runs in out.items()}
     med = {k: median(v) for k, v in overhead.items()}
-    # What the search as a whole spent per trial beyond training: its wall time x the trial
-    # slots it had, less the training, over the trials (start-ups that overlap others'
-    # training count once here, in full in a trial's own wall time).
-    slot_overhead = {k: median((r["search_wall"] * slots[int(k.split()[-1][:-1])] - sum(r["trial_train"]))
-                               / len(r["trial_train"]) for r in runs) for k, runs in out.items()}
-    rows = []
-    for k, runs in out.items():
-        walls = [x for r in runs for x in r["trial_wall"]]
-        trains = [x for r in runs for x in r["trial_train"]]
-        rows.append([k, len(walls), median(walls), median(trains), med[k], spread(overhead[k]),
-                     median(r["search_wall"] for r in runs), slot_overhead[k]])
-    one = med.get("raysweep 1w")
-    ratio2 = med["raysweep 2w"] / med["plain 2w"] if med.get("plain 2w") else None
-    for w in size["workers"]:
-        rows.append([f"ratio raysweep / plain, {w}w", None, None, None, med[f"raysweep {w}w"] / med[f"plain {w}w"],
-                     None, None, slot_overhead[f"raysweep {w}w"] / slot_overhead[f"plain {w}w"]])
-    subset = f" (first {size['limit']} training images)" if size["limit"] else ""
+    rows = [[k, len(runs[0]["trial_train"]), slots[workers_of[k]], median(r["search_wall"] for r in runs),
+             median(sum(r["trial_train"]) for r in runs), med[k], spread(overhead[k])] for k, runs in out.items()]
+    ratios = {w: med[f"raysweep {w}w"] / med[f"plain {w}w"] for w in size["workers"] if med[f"plain {w}w"] > 0}
+    rows += [[f"ratio raysweep / plain, {w}w", None, None, None, None, r, None] for w, r in ratios.items()]
+    one, ratio2 = med.get("raysweep 1w"), ratios.get(2)
     met = one is not None and one <= TARGET_1W_SECONDS and ratio2 is not None and ratio2 <= TARGET_2W_RATIO
+    subset = f" (first {size['limit']} training images)" if size["limit"] else ""
     return Result(
         name="trial_overhead", value=one,
         target=f"<= {TARGET_1W_SECONDS:g} s per 1-worker trial; 2-worker trials <= {TARGET_2W_RATIO}x the plain "
-               "pattern's overhead",
-        met=met, unit="s overhead per 1-worker raysweep trial (median)",
-        headers=["search", "trials", "trial wall s", "train s", "overhead s", "overhead spread", "search wall s",
-                 "search overhead s/trial"],
+               "pattern's figure",
+        met=met, unit="s search overhead per 1-worker raysweep trial (median of searches)",
+        headers=["search", "trials", "trial slots", "search wall s", "train s", "overhead s/trial", "spread"],
         rows=rows,
-        notes=[f"digits{subset}, simple_cnn, "
-               f"{size['epochs']} epoch(s) per trial, {size['trials']} trials per search x {size['rounds']} "
-               f"round(s), no early stopping, 1 CPU per worker on {threads} CPUs",
-               f"2-worker overhead ratio raysweep / plain: "
-               f"{'-' if ratio2 is None else f'{ratio2:.2f}'} (target <= {TARGET_2W_RATIO})",
-               "overhead = trial wall (Tune on_trial_start -> on_trial_complete) - sum of epoch_seconds; "
-               "search overhead / trial = (search wall x trial slots - all epoch_seconds) / trials"],
-        details={"overhead_seconds": overhead, "median_overhead_seconds": med, "ratio_2w": ratio2, "runs": out,
-                 "search_overhead_per_trial": slot_overhead, "trial_slots": slots,
-                 "threads": threads},
+        notes=[f"digits{subset}, simple_cnn, {size['epochs']} epoch(s) per trial, {size['trials']} trials per "
+               f"search x {size['rounds']} round(s), no early stopping, 1 CPU per worker on {cpus} CPUs",
+               "overhead / trial = (search wall x trial slots - all epoch_seconds) / trials; the search wall is "
+               "the whole command's, from process start to exit (Ray start-up and data loading included)",
+               f"2-worker ratio raysweep / plain: {'-' if ratio2 is None else f'{ratio2:.2f}'} "
+               f"(target <= {TARGET_2W_RATIO})"],
+        details={"overhead_per_trial": overhead, "median_overhead_per_trial": med, "ratio_2w": ratio2, "runs": out,
+                 "trial_slots": slots, "cpus": cpus},
     )
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["plain"]:
+    spec = json.loads(sys.argv[2])
+    Path(spec["out"]).write_text(json.dumps(plain_main(spec)))
