@@ -25,7 +25,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from search_spaces.objectives import Goal, TrialObjectives, objective_problems, parse_objectives, trial_objectives
+from search_spaces.objectives import (Goal, TrialObjectives, default_scheduler, objective_problems,  # noqa: F401
+                                      parse_objectives, trial_objectives)
 from search_spaces.samplers import SAMPLERS, SEARCHERS, build_sampler, choose
 from search_spaces.space import SearchSpace
 from search_spaces.stop_rules import StopRules, parse_target
