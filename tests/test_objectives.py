@@ -194,3 +194,15 @@ def test_every_combination_of_two_objectives_parses():
     for a, b in itertools.permutations(OBJECTIVES.names(), 2):
         if OBJECTIVES[a].kind == "reported":
             assert [g.name for g in parse_objectives(f"{a},{b}")] == [a, b]
+
+
+def test_the_api_takes_objectives_and_refuses_as_the_cli_does(tmp_path):
+    import raysweep
+
+    if ray.is_initialized():
+        ray.shutdown()
+    with pytest.raises(ConfigError, match=r"--objectives cost: .*add --price .*prices="):
+        raysweep.tune("digits_cnn", objectives="val_accuracy:max,cost:min", storage=str(tmp_path), name="a")
+    with pytest.raises(ConfigError, match="--scheduler: asha"):
+        raysweep.tune("digits_cnn", objectives=["val_accuracy", "params"], scheduler="asha", storage=str(tmp_path))
+    assert not ray.is_initialized() and not (tmp_path / "a").exists()
