@@ -103,7 +103,8 @@ def _tune(args) -> int:
     placement = Placement(workers=args.workers_per_trial, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
                           gpus_per_worker=args.gpus_per_worker)
     search = SearchConfig(trials=args.trials, max_epochs=args.max_epochs, searcher=args.searcher,
-                          scheduler=args.scheduler or default_scheduler(args.objectives), grace_period=min(args.grace_period, args.max_epochs),
+                          scheduler=args.scheduler or default_scheduler(args.objectives),
+                          grace_period=min(args.grace_period, args.max_epochs),
                           reduction_factor=args.reduction_factor, concurrent=args.concurrent, seed=args.seed,
                           placement=placement, trial_max_failures=args.trial_retries,
                           budget_gpu_hours=args.budget_gpu_hours, budget_cpu_hours=args.budget_cpu_hours,

@@ -166,7 +166,8 @@ def test_a_trial_measures_its_network_as_fit_builds_it_and_reports_cost_so_far()
     from trainers.loop import build_worker_model, autocast_for
 
     built = build_worker_model(cfg, data, torch.device("cpu"))
-    again = measure_model({"params", "flops"}, built, data.shape, torch.device("cpu"), lambda: autocast_for("fp32", "cpu"))
+    again = measure_model({"params", "flops"}, built, data.shape, torch.device("cpu"),
+                          lambda: autocast_for("fp32", "cpu"))
     assert again["flops"] == values["flops"] and again["params"] == count_params(built.net)
     # cost: the driver's rate (reserved x prices) x the seconds since the trial started
     reserved, prices = Reserved(cpus=2.0, gpus=0.5), Prices(gpu_hour=1.2, cpu_hour=0.05)
