@@ -80,3 +80,23 @@ def learning_curves(epochs: pa.Table, metric: str, best_trial: str | None) -> by
     if best_trial:
         ax.legend()
     return _png(fig)
+
+
+def pareto_front(points: list[list[float]], on_front: list[bool], names: list[str], modes: list[str]) -> bytes:
+    """Each finished trial's objective values, the Pareto front highlighted (and joined, in
+    order of the first axis). Two objectives: one scatter; three: the three pairs side by
+    side (each panel marks the trials on the 3-D front, so a front point may look dominated
+    in one pair)."""
+    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4.5), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs):
+        rest = [p for p, on in zip(points, on_front) if not on]
+        front = sorted((p for p, on in zip(points, on_front) if on), key=lambda p: (p[i], p[j]))
+        if rest:
+            ax.scatter([p[i] for p in rest], [p[j] for p in rest], color="tab:gray", alpha=0.6, label="dominated")
+        ax.plot([p[i] for p in front], [p[j] for p in front], "o-", color="tab:red", lw=1.5, label="Pareto front")
+        ax.set(xlabel=f"{names[i]} ({modes[i]})", ylabel=f"{names[j]} ({modes[j]})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Pareto front: {sum(on_front)} of {len(points)} trials")
+    return _png(fig)

@@ -218,6 +218,14 @@ def run_predict(req: PredictRequest) -> dict:
 def _checkpoint_argument(p) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH|EXPERIMENT",
                    help="a checkpoint dir or state.pt, a train run dir (summary.json) or a tune experiment dir (best.json)")
+    p.add_argument("--trial", metavar="ID", help="with a tune experiment as --checkpoint: this trial's checkpoint "
+                   "instead of the best one (e.g. any trial on a Pareto front; `raysweep results` lists them)")
+
+
+def _checkpoint_of(args) -> str:
+    from cluster.tune_results import trial_checkpoint
+
+    return args.checkpoint if args.trial is None else trial_checkpoint(args.checkpoint, args.trial)
 
 
 def _tta_argument(p) -> None:
@@ -252,7 +260,7 @@ def _refuse(name: str, e: Exception, code: int = EXIT_BAD_REQUEST) -> int:
 
 @command("predict", "batch inference of a checkpoint on Ray Data: one Parquet row per input")(_predict_arguments)
 def _predict(args) -> int:
-    req = PredictRequest(args.checkpoint, args.data, args.out, args.batch_size, args.top_k, args.gpu,
+    req = PredictRequest(_checkpoint_of(args), args.data, args.out, args.batch_size, args.top_k, args.gpu,
                          args.actors, args.cpus_per_actor, args.precision, args.address, args.unknown_classes,
                          args.tta)
     if problems := req.problems():
@@ -276,7 +284,7 @@ def _export_arguments(p) -> None:
 @command("export", "write a checkpoint as one file plain PyTorch loads (network + preprocessing + classes)")(_export_arguments)
 def _export(args) -> int:
     try:
-        state, where, how = load_checkpoint(args.checkpoint)
+        state, where, how = load_checkpoint(_checkpoint_of(args))
     except (CheckpointError, InferenceError) as e:
         return _refuse("export", e)
     meta = state["meta"]

@@ -43,8 +43,20 @@ class ReportData:
     @property
     def study(self) -> optuna.Study:
         if self._study is None:
-            self._study = study_from_rows(self.rows, param_columns(self.trials), self.metric, self.mode)
+            self._study = study_from_rows(self.rows, param_columns(self.trials), self.metric, self.mode,
+                                          self.objectives())
         return self._study
+
+    def objectives(self) -> list[tuple[str, str]]:
+        """A multi-objective search's (name, mode): best.json's, or while it runs the table's
+        ``objective_<name>`` columns with each objective's default direction."""
+        from search_spaces.objectives import OBJECTIVES
+
+        if self.best.get("objectives"):
+            return [(o["name"], o["mode"]) for o in self.best["objectives"]]
+        names = [c.removeprefix("objective_") for c in (self.trials.column_names if self.trials else [])
+                 if c.startswith("objective_")]
+        return [(n, OBJECTIVES[n].mode) for n in names if n in OBJECTIVES]
 
     def best_trial_id(self) -> str | None:
         if self.best.get("trial_id"):
@@ -79,13 +91,18 @@ def distribution(values: list):
     return optuna.distributions.FloatDistribution(float(low), float(high), log=low > 0 and high >= 20 * low)
 
 
-def study_from_rows(rows: list[dict], params: list[str], metric: str, mode: str) -> optuna.Study:
-    """An in-memory study of the finished trials: good ones COMPLETE with their best value,
+def study_from_rows(rows: list[dict], params: list[str], metric: str, mode: str,
+                    objectives: list[tuple[str, str]] = ()) -> optuna.Study:
+    """An in-memory study of the finished trials: good ones COMPLETE with their best value
+    (with ``objectives``, their ``objective_<name>`` values: a multi-objective study),
     failed and diverged ones FAIL (as the search told its own study); running ones left out."""
+    def direction(m: str) -> str:
+        return "maximize" if m == "max" else "minimize"
+
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line at every trial's end
     try:
-        study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+        study = optuna.create_study(directions=[direction(m) for _, m in objectives] or [direction(mode)])
     finally:
         optuna.logging.set_verbosity(level)
     finished = [r for r in rows if r["status"] in GOOD + FAILED]
@@ -96,11 +113,11 @@ def study_from_rows(rows: list[dict], params: list[str], metric: str, mode: str)
             dists[p] = distribution(values)
     for r in finished:
         trial_params = {p: r[p] for p in dists if r.get(p) is not None}
-        value = r.get(f"best_{metric}")
-        ok = r["status"] in GOOD and _finite(value)
+        values = [r.get(f"objective_{n}") for n, _ in objectives] or [r.get(f"best_{metric}")]
+        ok = r["status"] in GOOD and all(_finite(v) for v in values)
         study.add_trial(optuna.trial.create_trial(
             params=trial_params, distributions={p: dists[p] for p in trial_params},
-            value=value if ok else None,
+            values=values if ok else None,
             state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
             user_attrs={"trial_id": r["trial_id"]}))
     return study
@@ -154,8 +171,8 @@ def _slice(data: ReportData):
 
 
 def _pareto(data: ReportData):
-    """The hook for searches of several objectives: today every search has one (the
-    space's metric), so the study has one direction and this section is left out."""
+    """Optuna's Pareto-front plot, for a search of several objectives (``--objectives``);
+    left out for one."""
     if len(data.study.directions) < 2:
         return None
     from optuna.visualization import plot_pareto_front

@@ -41,6 +41,12 @@ def ranked(table: pa.Table, key: str, mode: str) -> list[dict]:
     return sorted(table.to_pylist(), key=order)
 
 
+def front_first(rows: list[dict]) -> list[dict]:
+    """A multi-objective search's rows with its Pareto front (``pareto`` true) first, each
+    part in its ranked order; rows of other tables unchanged."""
+    return sorted(rows, key=lambda row: not row.get("pareto"))
+
+
 def run_metric(summary: dict) -> str:
     """A train run's ranking metric: its early-stopping metric, which picked its checkpoint
     (val_accuracy while the run has no summary.json yet)."""
@@ -64,7 +70,7 @@ def _results(args) -> int:
         rows = ranked(history, metric, EARLY_STOP_METRICS[metric])
     else:
         summary = store.read_json("best.json") or {}
-        rows = ranked(trials, f"best_{summary.get('metric', 'val_accuracy')}", summary.get("mode", "max"))
+        rows = front_first(ranked(trials, f"best_{summary.get('metric', 'val_accuracy')}", summary.get("mode", "max")))
     rows = rows[: args.top] if args.top else rows
     print(render(rows, args.format))
     if args.format == "table" and summary.get("cpu_seconds") is not None:  # csv and json stay plain rows

@@ -14,16 +14,19 @@ from cluster.cli import (EXIT_FAILED, EXIT_OK, add_common, add_config, add_price
 from cluster.connect import capacity, check_fits, connect
 from cluster.cost import Budget, BudgetStopper, Prices, Reserved, describe, parse_prices, total
 from cluster.guard import check_run_target, safe_name_part
-from cluster.plots import importance, learning_curves, optimisation_history
+from cluster.plots import importance, learning_curves, optimisation_history, pareto_front
 from cluster.report_cmd import LiveReport, try_write_report
 from cluster.store import ResultsStore
 from cluster.tracking import SearchTracking, TrackingOptions, open_tracker, search_params, track_search_end
 from cluster.train_cmd import check_placement, evaluate_on_test
-from cluster.tune_results import BUDGET_STOPPED, COMPLETED, EARLY_STOPPED, STOP_FILE, STOPPED, SearchResultsCallback
+from cluster.tune_results import (BUDGET_STOPPED, COMPLETED, EARLY_STOPPED, PARETO, STOP_FILE, STOPPED,
+                                  SearchResultsCallback, front_of)
+from search_spaces.objectives import COST, OBJECTIVES, objective_column
 from search_spaces.samplers import choose
 from search_spaces.space import SearchSpace, load_space
 from search_spaces.stop_rules import parse_duration_s
-from search_spaces.tuner import SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, check_restorable, concurrency
+from search_spaces.tuner import (SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, check_restorable, concurrency,
+                                 default_scheduler)
 from trainers.config import load_run_values
 from trainers.configpaths import check_paths
 from trainers.configtools import ConfigError, merge
@@ -62,9 +65,13 @@ def _arguments(p):
     p.add_argument("--gpus-per-worker", type=positive_float, default=1.0, help="fractions share a GPU, e.g. 0.5")
     p.add_argument("--concurrent", type=positive_int, help="trials at once (default: as many as the cluster fits)")
     p.add_argument("--searcher", choices=SEARCHERS, default=d.searcher,
-                   help="Optuna sampler: tpe, gp, qmc (Sobol), random, or auto (default: gp for 10-100 trials over "
-                   "continuous/int dimensions, else tpe); optuna is a deprecated name of tpe")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
+                   help="Optuna sampler: tpe, gp, qmc (Sobol), random, nsga2, or auto (default: gp for 10-100 trials "
+                   "over continuous/int dimensions, else tpe); optuna is a deprecated name of tpe")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="asha (the default) or none (the default with --objectives, "
+                   "which refuses asha)")
+    p.add_argument("--objectives", metavar="NAME:max|min,...", help="2 or 3 objectives for a Pareto front, the first a "
+                   f"validation metric, e.g. val_accuracy:max,latency_ms:min; known: {', '.join(OBJECTIVES.names())} "
+                   "(cost needs --price)")
     p.add_argument("--grace-period", type=positive_int, default=d.grace_period, help="ASHA: epochs before a trial can stop")
     p.add_argument("--reduction-factor", type=int, default=d.reduction_factor, help="ASHA: keep 1/r at each rung")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -96,12 +103,13 @@ def _tune(args) -> int:
     placement = Placement(workers=args.workers_per_trial, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
                           gpus_per_worker=args.gpus_per_worker)
     search = SearchConfig(trials=args.trials, max_epochs=args.max_epochs, searcher=args.searcher,
-                          scheduler=args.scheduler, grace_period=min(args.grace_period, args.max_epochs),
+                          scheduler=args.scheduler or default_scheduler(args.objectives),
+                          grace_period=min(args.grace_period, args.max_epochs),
                           reduction_factor=args.reduction_factor, concurrent=args.concurrent, seed=args.seed,
                           placement=placement, trial_max_failures=args.trial_retries,
                           budget_gpu_hours=args.budget_gpu_hours, budget_cpu_hours=args.budget_cpu_hours,
                           budget_cost=args.budget_cost, target=args.target,
-                          time_budget_s=args.time_budget).validate()
+                          time_budget_s=args.time_budget, objectives=args.objectives).validate()
     prices = parse_prices(args.price)
     if args.resume and args.name is None:
         raise ConfigError(["--resume: name the search to continue with --name NAME"])
@@ -118,8 +126,20 @@ def base_config(req: TuneRequest) -> dict:
     return merge(req.user, {"train": {"epochs": req.search.max_epochs}})
 
 
+def with_objectives(req: TuneRequest) -> TuneRequest:
+    """A multi-objective search ranks each trial's epochs (and keeps its checkpoints) by its
+    first objective, a validation metric, in place of the space's ``metric``. A ``cost``
+    objective needs prices: refused without them."""
+    goals = req.search.goals
+    if any(g.kind == COST for g in goals) and req.prices is None:
+        raise ConfigError(["--objectives cost: a trial's cost needs prices to count it; add --price "
+                           "gpu_hour=1.2,cpu_hour=0.05 (the API's prices=...)"])
+    return replace(req, space=replace(req.space, metric=goals[0].name)) if goals else req
+
+
 def run(req: TuneRequest) -> dict:
     """Run (or resume) the search; returns what best.json holds."""
+    req = with_objectives(req)
     base = base_config(req)
     check_placement(req.search.placement, "--workers-per-trial")
     budget = Budget.of(req.search)
@@ -142,16 +162,17 @@ def run(req: TuneRequest) -> dict:
     print(f"raysweep tune: {req.name}: space {req.space.name}, {req.search.trials} trials x up to "
           f"{req.search.max_epochs} epochs, {req.search.placement.workers} worker(s) per trial, {concurrent} at once, "
           f"{search.searcher} + {req.search.scheduler}; results in {store.uri}", flush=True)
-    callback = SearchResultsCallback(store.storage, req.name, req.space, req.search.max_epochs,
-                                     Reserved.of(req.search.placement, req.search.driver_cpus), req.prices,
-                                     report=LiveReport(req.space.metric, req.space.mode))
+    reserved = Reserved.of(req.search.placement, req.search.driver_cpus)
+    callback = SearchResultsCallback(store.storage, req.name, req.space, req.search.max_epochs, reserved, req.prices,
+                                     report=LiveReport(req.space.metric, req.space.mode), goals=req.search.goals)
     callbacks = [callback, SearchTracking(tracker, callback, req.space, base)] if tracker else [callback]
     stoppers = [s for s in (BudgetStopper(budget, callback) if budget.any else None,
                             req.search.stop_rules(callback)) if s is not None]
     tuner = build_tuner(req.space, base, data, search, store.storage, req.name, callbacks, concurrent,
                         local_dir.rstrip("/") if local_dir else None, resume=req.resume,
-                        progress_reporter=live_view(req.space, sort=not stoppers),
-                        stopper=CombinedStopper(*stoppers) if stoppers else None)
+                        progress_reporter=live_view(req.space, sort=not stoppers, goals=req.search.goals),
+                        stopper=CombinedStopper(*stoppers) if stoppers else None,
+                        cost_per_s=req.prices.cost(reserved.cpus, reserved.gpus) if req.prices else None)
     tracker.open("", req.name, search_params(req.space, base, search), {"raysweep.kind": "tune"})
     best = {"status": "failed"}
     try:
@@ -164,13 +185,13 @@ def run(req: TuneRequest) -> dict:
 
 def _sampler_chosen(req: TuneRequest):
     """``req.search`` with ``auto`` (or a deprecated name) resolved, saying why once."""
-    choice = choose(req.search.searcher, req.space, req.search.trials)
+    choice = choose(req.search.searcher, req.space, req.search.trials, max(1, len(req.search.goals)))
     for note in choice.notes:
         print(f"raysweep tune: {note}", flush=True)
     return replace(req.search, searcher=choice.name)
 
 
-def live_view(space: SearchSpace, sort: bool = True):
+def live_view(space: SearchSpace, sort: bool = True, goals=()):
     """Tune's compact trial table (the classic reporter), refreshed every 15 s. ``sort``: by
     the metric; not with a budget or stop rule: Ray 2.60's reporter fails sorting a trial that
     a stopper (``Stopper.stop_all``) stopped before its first result (no metric, TypeError)."""
@@ -179,7 +200,7 @@ def live_view(space: SearchSpace, sort: bool = True):
     # The newer output engine prints a box per result; the table reads better.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    metrics = {"epoch": "epoch", space.metric: space.metric, "val_loss": "val_loss"}
+    metrics = {"epoch": "epoch", space.metric: space.metric, "val_loss": "val_loss", **{g.name: g.name for g in goals}}
     always = [d for d in space.dimensions if not d.when and d.type != "loguniform_or_zero"]  # in every config
     params = {d.key: d.key.split(".")[-1] for d in always[:6]}
     return CLIReporter(metric_columns=metrics, parameter_columns=params, max_report_frequency=15,
@@ -209,7 +230,7 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
             "params": {k: top[k] for k in trials.column_names if k in _param_columns(req.space)},
             "config": req.space.trial_config(base_config(req), _params_of(req.space, top)).to_dict(),
             "best_epoch": top["best_epoch"], "checkpoint": top["checkpoint"],
-            **{k: top[k] for k in top if k.startswith(("best_val", "final_val"))}, **spent}
+            **{k: top[k] for k in top if k.startswith(("best_val", "final_val"))}, **spent, **_front(req, rows)}
     if top["checkpoint"]:
         best.update(evaluate_on_test(Checkpoint(top["checkpoint"]), data, req.search.placement.use_gpu,
                                      confusion=True))
@@ -219,12 +240,25 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
     print(f"best trial {top['trial_id']}: {metric} {top[f'best_{metric}']:.4f} at epoch {top['best_epoch']}; "
           + "  ".join(f"{k.removeprefix('test_')} {best[k]:.4f}" for k in
                       ("test_accuracy", "test_precision", "test_recall", "test_f1") if k in best), flush=True)
+    if "front" in best:
+        print(f"pareto front: {len(best['front'])} of {len(good)} finished trials "
+              f"({', '.join(map(str, req.search.goals))}): {' '.join(t['trial_id'] for t in best['front'])}; "
+              "pareto.png, best.json's front", flush=True)
     # The last lines: why it ended, then where to look (the report, and the one command)
     print(f"search ended: {best['stop_reason']}", flush=True)
     print(f"results in {store.uri}/ (trials.parquet, epochs.parquet, best.json, *.png, report.html)\n"
           + (f"report      {report}\n" if report else "") +
           f"next        raysweep results {store.uri}", flush=True)
     return best
+
+
+def _front(req: TuneRequest, rows: list[dict]) -> dict:
+    """best.json's objectives and Pareto front, for a multi-objective search."""
+    goals = req.search.goals
+    if not goals:
+        return {}
+    return {"objectives": [{"name": g.name, "mode": g.mode} for g in goals],
+            "front": front_of(rows, goals, sorted(_param_columns(req.space)))}
 
 
 def _final_report(req: TuneRequest, store: ResultsStore) -> str | None:
@@ -277,6 +311,13 @@ def _draw(req, store, trials, epochs, good, metric, mode) -> None:
     scores = _importances(req.space, trials, metric, mode)
     if scores:
         store.write_bytes("importance.png", importance(scores))
+    if goals := req.search.goals:
+        columns = [objective_column(g.name) for g in goals]
+        done = [r for r in trials.to_pylist() if r["status"] in GOOD and all(r.get(c) is not None for c in columns)]
+        if done:
+            store.write_bytes("pareto.png", pareto_front([[r[c] for c in columns] for r in done],
+                                                         [bool(r[PARETO]) for r in done],
+                                                         [g.name for g in goals], [g.mode for g in goals]))
 
 
 def _importances(space: SearchSpace, trials: pa.Table, metric: str, mode: str) -> dict[str, float]:

@@ -18,12 +18,13 @@ from ray import tune
 from cluster.cost import USAGE_KEYS, Prices, Reserved, total, usage
 from cluster.store import ResultsStore
 from cluster.tables import EPOCHS_SCHEMA, EpochLog
+from search_spaces.objectives import Goal, objective_column, pareto_mask
 from search_spaces.space import SearchSpace
 from search_spaces.stop_rules import STOPPED
 from search_spaces.tuner import CHECKPOINT_PATH_KEY
 from trainers.distributed import checkpoint_uri
 from trainers.config import EARLY_STOP_METRICS
-from trainers.configtools import clean_error
+from trainers.configtools import ConfigError, clean_error
 from trainers.loop import STOP_DIVERGED, STOP_EARLY
 
 COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, RUNNING = "completed", "early_stopped", "diverged", "failed", "running"
@@ -32,6 +33,8 @@ BUDGET_STOPPED = "budget_stopped"  # running when the search's budget ran out (c
 FINAL = (COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, LOST, BUDGET_STOPPED, STOPPED)  # STOPPED: by a stop rule
 STOP_FILE = "stop.json"  # why a stopper ended the search, for best.json (the stopper may be a resumed copy)
 SUMMARY_METRICS = ("val_accuracy", "val_loss", "val_f1")  # best_<m>: its best over the epochs (min for a loss)
+FRONT_STATUSES = (COMPLETED, EARLY_STOPPED, BUDGET_STOPPED, STOPPED)  # trials with a result: the front is among them
+PARETO = "pareto"
 
 
 def param_column(key: str) -> str:
@@ -54,7 +57,9 @@ def _param_type(dim) -> pa.DataType:
     return pa.string()
 
 
-def trials_schema(space: SearchSpace) -> pa.Schema:
+def trials_schema(space: SearchSpace, goals: tuple[Goal, ...] = ()) -> pa.Schema:
+    """``goals``: a multi-objective search's, each with its ``objective_<name>`` column
+    (the value Optuna was told) and a ``pareto`` column (on the front)."""
     fields = [pa.field("trial_id", pa.string()), pa.field("status", pa.string())]
     fields += [pa.field(param_column(d.key), _param_type(d)) for d in space.dimensions]
     fields += [pa.field("epochs_run", pa.int32()), pa.field("best_epoch", pa.int32())]
@@ -63,7 +68,27 @@ def trials_schema(space: SearchSpace) -> pa.Schema:
     fields += [pa.field("wall_seconds", pa.float64())]
     fields += [pa.field(k, pa.float64()) for k in USAGE_KEYS]  # reserved resources x wall_seconds; cost: priced
     fields += [pa.field("checkpoint", pa.string()), pa.field("error", pa.string())]
+    if goals:
+        fields += [pa.field(objective_column(g.name), pa.float64()) for g in goals] + [pa.field(PARETO, pa.bool_())]
     return pa.schema(fields)
+
+
+def front_of(rows: list[dict], goals: tuple[Goal, ...], param_columns) -> list[dict]:
+    """best.json's front: each trial on it (``rows`` from ``with_front``) with its objective
+    values, parameters and checkpoint, best first by the first objective."""
+    sign = -1 if goals[0].mode == "max" else 1
+    front = sorted((r for r in rows if r.get(PARETO)), key=lambda r: sign * r[objective_column(goals[0].name)])
+    return [{"trial_id": r["trial_id"], "values": {g.name: r[objective_column(g.name)] for g in goals},
+             "params": {k: r[k] for k in param_columns if k in r}, "checkpoint": r["checkpoint"]} for r in front]
+
+
+def with_front(rows: list[dict], goals: tuple[Goal, ...]) -> list[dict]:
+    """``rows`` with ``pareto`` set: non-dominated among the trials that ended with a
+    result (``FRONT_STATUSES``), by each goal's direction; others False."""
+    done = [r for r in rows if r["status"] in FRONT_STATUSES]
+    mask = pareto_mask([[r.get(objective_column(g.name)) for g in goals] for r in done], [g.mode for g in goals])
+    on_front = {id(r) for r, on in zip(done, mask) if on}
+    return [{**r, PARETO: id(r) in on_front} for r in rows]
 
 
 @dataclass
@@ -76,6 +101,7 @@ class TrialRecord:
     checkpoints: dict = field(default_factory=dict)  # epoch -> path
     error: str | None = None
     wall_seconds: float | None = None
+    objectives: dict = field(default_factory=dict)  # as trials.parquet held them (a resumed search's finished trials)
 
     def best_epoch(self, metric: str, mode: str) -> int | None:
         """The best epoch; of equal scores the latest, whose checkpoint Tune keeps."""
@@ -122,14 +148,17 @@ class SearchResultsCallback(tune.Callback):
     reserved = Reserved(cpus=0.0)  # class defaults: a search pickled before these existed resumes
     prices: Prices | None = None
     report = None
+    goals: tuple[Goal, ...] = ()
 
     def __init__(self, storage: str, name: str, space: SearchSpace, max_epochs: int,
-                 reserved: Reserved | None = None, prices: Prices | None = None, report=None):
+                 reserved: Reserved | None = None, prices: Prices | None = None, report=None,
+                 goals: tuple[Goal, ...] = ()):
         """``reserved``: what each trial holds (``Reserved.of(placement, driver_cpus)``);
         ``prices``: to fill the ``cost`` column; ``report(store)``: redraws the report as each
-        trial ends (``cluster.report_cmd.LiveReport``)."""
+        trial ends (``cluster.report_cmd.LiveReport``); ``goals``: a multi-objective search's."""
         self.storage, self.name, self.space, self.max_epochs = storage, name, space, max_epochs
         self.reserved, self.prices, self.report = reserved or Reserved(cpus=0.0), prices, report
+        self.goals = tuple(goals)
         self._store: ResultsStore | None = None
 
     def __getstate__(self):  # Tune pickles callbacks into its experiment state
@@ -142,7 +171,7 @@ class SearchResultsCallback(tune.Callback):
             self._store = ResultsStore(self.storage, self.name)
             self._records: dict[str, TrialRecord] = {}
             self._epochs = EpochLog(EPOCHS_SCHEMA, self._store.read_table("epochs.parquet"))
-            self._schema = trials_schema(self.space)
+            self._schema = trials_schema(self.space, self.goals)
             for row in (t.to_pylist() if (t := self._store.read_table("trials.parquet")) else []):
                 self._records[row["trial_id"]] = self._record_from_row(row)
         return self._store
@@ -151,6 +180,7 @@ class SearchResultsCallback(tune.Callback):
         rec = TrialRecord(row["trial_id"], {d.key: row.get(param_column(d.key)) for d in self.space.dimensions},
                           status=row["status"], error=row.get("error"), wall_seconds=row.get("wall_seconds"))
         rec.started = time.time() - (row.get("wall_seconds") or 0.0)
+        rec.objectives = {g.name: row.get(objective_column(g.name)) for g in self.goals}
         for epoch_row in self._epochs.rows.values():
             if epoch_row["trial_id"] == rec.trial_id:
                 rec.epochs[epoch_row["epoch"]] = epoch_row
@@ -260,7 +290,10 @@ class SearchResultsCallback(tune.Callback):
         score = f"best {m} {rec.epochs[best][m]:.4f} (epoch {best})" if best else "no finite result"
         params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in rec.params.items())
         reason = f"  [{rec.error}]" if rec.error else ""
-        return f"trial {rec.trial_id} {rec.status:<14} epochs {len(rec.epochs):>2}  {score}  {params}{reason}"
+        row = self._row(rec) if self.goals else {}
+        values = "".join(f"  {g.name} {_short(row[objective_column(g.name)])}" for g in self.goals[1:]
+                         if row.get(objective_column(g.name)) is not None)
+        return f"trial {rec.trial_id} {rec.status:<14} epochs {len(rec.epochs):>2}  {score}{values}  {params}{reason}"
 
     def row_of(self, trial_id: str) -> dict | None:
         """A trial's row of ``trials.parquet`` as it stands (what the trackers log)."""
@@ -269,6 +302,7 @@ class SearchResultsCallback(tune.Callback):
 
     def _write_trials(self) -> None:
         rows = [self._row(r) for r in self._records.values()]
+        rows = with_front(rows, self.goals) if self.goals else rows
         columns = {f.name: [row.get(f.name) for row in rows] for f in self._schema}
         self.store.write_table("trials.parquet", pa.table(columns, schema=self._schema))
 
@@ -283,6 +317,9 @@ class SearchResultsCallback(tune.Callback):
         for name in SUMMARY_METRICS:
             row[f"best_{name}"] = rec.best_value(name)
             row[f"final_{name}"] = final.get(name)
+        at_best = rec.epochs.get(best, {}) if best is not None else {}
+        for g in self.goals:  # the trial's point: its values at its best epoch (what Optuna was told)
+            row[objective_column(g.name)] = at_best.get(g.name, rec.objectives.get(g.name))
         return row
 
 
@@ -299,3 +336,23 @@ def _last_line(text: str) -> str:
     library build paths."""
     lines = [line for line in clean_error(text).strip().splitlines() if line.strip()]
     return lines[-1][-500:] if lines else text
+
+
+def trial_checkpoint(experiment: str, trial_id: str) -> str:
+    """``--checkpoint EXPERIMENT --trial ID``: that trial's checkpoint (its best epoch's, as
+    ``trials.parquet`` holds it), e.g. any trial of a Pareto front. Refused with the known
+    ids (the front's first) when the trial or its checkpoint is missing."""
+    from cluster.results_cmd import front_first, split_experiment
+
+    store = ResultsStore(*split_experiment(experiment))
+    table = store.read_table("trials.parquet")
+    if table is None:
+        raise ConfigError([f"--trial: {experiment} holds no trials.parquet (not a tune experiment); drop --trial "
+                           "or point --checkpoint at a search"])
+    rows = front_first(table.to_pylist())
+    row = next((r for r in rows if r["trial_id"] == trial_id), None)
+    if row is None or not row.get("checkpoint"):
+        known = ", ".join(r["trial_id"] for r in rows if r.get("checkpoint"))
+        why = "is not a trial of" if row is None else f"({row['status']}) has no checkpoint in"
+        raise ConfigError([f"--trial: {trial_id!r} {why} {store.uri}; trials with a checkpoint: {known or 'none'}"])
+    return row["checkpoint"]

@@ -97,9 +97,11 @@ def tune(space: str | Path, config: str | Path | Mapping | None = None, *, overr
     ``search`` takes ``SearchConfig``'s fields: trials, max_epochs, searcher, scheduler,
     grace_period, reduction_factor, concurrent, seed, trial_max_failures, budget_gpu_hours,
     budget_cpu_hours, budget_cost (needs ``prices``), target (``"val_accuracy=0.95"``),
-    time_budget_s; searcher is one of auto (the default), tpe, gp, qmc, random. Returns
+    time_budget_s, objectives (``"val_accuracy:max,params:min"``: a Pareto front, scheduler
+    then none); searcher is one of auto (the default), tpe, gp, qmc, random, nsga2. Returns
     ``best.json`` (``status``, the best trial's values, metrics and checkpoint, the search's
-    ``cpu_seconds``, ``gpu_seconds``, ``cost`` and ``stop_reason``, why it ended). ``mlflow``
+    ``cpu_seconds``, ``gpu_seconds``, ``cost`` and ``stop_reason``, why it ended; with objectives
+    its ``front``). ``mlflow``
     and ``tensorboard`` as in ``train``: a parent run, a child run per trial."""
     import time
 
@@ -107,7 +109,7 @@ def tune(space: str | Path, config: str | Path | Mapping | None = None, *, overr
     from cluster.cost import parse_prices
     from cluster.guard import safe_name_part
     from search_spaces.space import load_space
-    from search_spaces.tuner import SearchConfig
+    from search_spaces.tuner import SearchConfig, default_scheduler
     from trainers.config import TrainRunConfig
     from trainers.distributed import Placement
 
@@ -117,6 +119,7 @@ def tune(space: str | Path, config: str | Path | Mapping | None = None, *, overr
     known = set(SearchConfig.__dataclass_fields__) - {"placement"}
     if unknown := sorted(set(search) - known):
         raise ConfigError([f"tune: unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"])
+    search.setdefault("scheduler", default_scheduler(search.get("objectives")))
     search.setdefault("grace_period", SearchConfig.grace_period)
     search["grace_period"] = min(search["grace_period"], search.get("max_epochs", SearchConfig.max_epochs))
     placement = Placement(workers=workers_per_trial, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
@@ -153,10 +156,11 @@ def export(checkpoint: str, out: str | Path, format: str = "torchscript", tta: s
 
 
 def results(experiment: str | Path):
-    """`raysweep results`: a search's trials or a run's epochs as a pyarrow Table, best first."""
+    """`raysweep results`: a search's trials or a run's epochs as a pyarrow Table, best first
+    (a multi-objective search's Pareto front first)."""
     import pyarrow as pa
 
-    from cluster.results_cmd import ranked, run_metric, split_experiment
+    from cluster.results_cmd import front_first, ranked, run_metric, split_experiment
     from cluster.store import ResultsStore
     from trainers.config import EARLY_STOP_METRICS
 
@@ -170,4 +174,4 @@ def results(experiment: str | Path):
         mode = EARLY_STOP_METRICS[key]
     else:
         raise FileNotFoundError(f"no trials.parquet or history.parquet under {store.uri}")
-    return pa.Table.from_pylist(ranked(table, key, mode), schema=table.schema)
+    return pa.Table.from_pylist(front_first(ranked(table, key, mode)), schema=table.schema)

@@ -10,8 +10,15 @@ code at run time); GP needs torch and scipy, both installed with raysweep.
 - ``qmc``: scrambled Sobol (``QMCSampler``) over the dimensions of the first trial; the
   same random fall-back for conditional ones.
 - ``random``: ``RandomSampler``.
+- ``nsga2``: ``NSGAIISampler``, the evolutionary multi-objective one; its first
+  generation (50 trials) is random, so it pays off at hundreds of trials.
 - ``auto``: ``gp`` for 10-100 trials over a space of only continuous and int dimensions
-  (Optuna's guidance for GP), else ``tpe``.
+  (Optuna's guidance for GP), else ``tpe``; the same with several objectives.
+
+Several objectives (``search_spaces.objectives``): in Optuna 5.0 every sampler here takes
+them (checked in site-packages/optuna: TPE as MOTPE, GP with log expected hypervolume
+improvement, NSGA-II, and QMC and random, which ignore the values); a sampler registered
+with ``multi_objective=False`` is refused for such a search (``SearchConfig``).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ class Sampler:
     build: Callable[[int], optuna.samplers.BaseSampler]  # seed -> a fresh sampler
     first_point: bool  # start at the space's defaults (model-based samplers learn from it)
     models_conditionals: bool  # False: dimensions absent from some trials are drawn at random
+    multi_objective: bool = True  # takes a study of several directions (Optuna 5.0: all of these)
 
 
 SAMPLERS: Registry = Registry("searcher")
@@ -61,6 +69,9 @@ SAMPLERS.register("qmc")(Sampler(_quiet(lambda seed: optuna.samplers.QMCSampler(
 SAMPLERS.register("random")(Sampler(lambda seed: optuna.samplers.RandomSampler(seed=seed),
                                     first_point=False, models_conditionals=False))
 
+SAMPLERS.register("nsga2")(Sampler(lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
+                                   first_point=False, models_conditionals=False))
+
 SEARCHERS = (AUTO, *SAMPLERS.names(), *ALIASES)
 
 
@@ -80,9 +91,10 @@ class Choice:
     notes: tuple[str, ...] = ()  # what to tell the user: auto's reason, a deprecation, a fall-back
 
 
-def choose(searcher: str, space: SearchSpace, trials: int) -> Choice:
-    """The sampler ``searcher`` means for this space and budget, with what to print about
-    it. ``searcher`` must be one of ``SEARCHERS`` (``SearchConfig`` checks)."""
+def choose(searcher: str, space: SearchSpace, trials: int, objectives: int = 1) -> Choice:
+    """The sampler ``searcher`` means for this space and budget (and number of
+    ``objectives``), with what to print about it. ``searcher`` must be one of
+    ``SEARCHERS`` (``SearchConfig`` checks, also that it takes several objectives)."""
     notes = []
     if searcher in ALIASES:
         notes.append(f"--searcher {searcher} is deprecated and means {ALIASES[searcher]} now; "
@@ -90,7 +102,8 @@ def choose(searcher: str, space: SearchSpace, trials: int) -> Choice:
         searcher = ALIASES[searcher]
     if searcher == AUTO:
         searcher, why = _auto(space, trials)
-        notes.append(f"--searcher auto chose {searcher}: {why}")
+        many = f" for {objectives} objectives" if objectives > 1 else ""
+        notes.append(f"--searcher auto chose {searcher}{many}: {why}")
     if (conditional := conditional_dims(space)) and not SAMPLERS[searcher].models_conditionals:
         notes.append(f"{searcher} cannot model dimensions absent from some trials ({', '.join(conditional)}): "
                      "it draws them at random and models the others; tpe models them")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from search_spaces.objectives import (Goal, TrialObjectives, default_scheduler, objective_problems,  # noqa: F401
+                                      parse_objectives, trial_objectives)
 from search_spaces.samplers import SAMPLERS, SEARCHERS, build_sampler, choose
 from search_spaces.space import SearchSpace
 from search_spaces.stop_rules import StopRules, parse_target
@@ -62,6 +65,8 @@ class SearchConfig:
     # Stop rules (search_spaces.stop_rules): "METRIC=VALUE" reached by a trial; wall seconds.
     target: str | None = None
     time_budget_s: float | None = None
+    # Several objectives (search_spaces.objectives): "val_accuracy:max,latency_ms:min" or a list of such items.
+    objectives: str | tuple | list | None = None
 
     def problems(self) -> list[str]:
         out = []
@@ -92,7 +97,13 @@ class SearchConfig:
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 out.append(f"{flag}: {value!r} must be a finite number > 0 (or left out: no budget)")
         out += self._stop_rule_problems()
+        out += objective_problems(self)
         return out
+
+    @property
+    def goals(self) -> tuple[Goal, ...]:
+        """The parsed objectives; () for a single-metric search."""
+        return parse_objectives(self.objectives)
 
     def _stop_rule_problems(self) -> list[str]:
         out = []
@@ -128,7 +139,11 @@ class SearchConfig:
 
 
 class TuneReporter:
-    """Reports of a one-worker trial go straight to Tune, with checkpoints."""
+    """Reports of a one-worker trial go straight to Tune, with checkpoints (and the trial's
+    objective values, ``extra``, in each)."""
+
+    def __init__(self, extra: TrialObjectives | None = None):
+        self.extra = extra
 
     def restore(self) -> dict | None:
         checkpoint = tune.get_checkpoint()
@@ -138,6 +153,8 @@ class TuneReporter:
             return load_state(directory)
 
     def report(self, metrics: dict, state: dict | None) -> None:
+        if self.extra is not None:
+            metrics = {**metrics, **self.extra()}
         if state is None:
             tune.report(metrics)
             return
@@ -147,22 +164,27 @@ class TuneReporter:
 
 
 def run_trial(params: dict, *, space: SearchSpace, base: dict, data: ImageData | StreamPlan, placement: Placement,
-              train_storage: str) -> None:
+              train_storage: str, goals: tuple[Goal, ...] = (), cost_per_s: float | None = None) -> None:
     """One Tune trial: the sampled ``params`` applied to ``base`` make one train run.
-    ``data``: an in-memory set, or the plan of a streamed one (``trainers.streaming``)."""
+    ``data``: an in-memory set, or the plan of a streamed one (``trainers.streaming``);
+    ``goals``: a multi-objective search's objectives, whose values each report carries."""
+    started = time.time()
     cfg = space.trial_config(base, params)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch
     if placement.workers == 1:
         use_gpu = placement.use_gpu and torch.cuda.is_available()
         ctx = WorkerContext(device=torch.device("cuda" if use_gpu else "cpu"))
+        extra = trial_objectives(goals, cfg, data, ctx.device, cost_per_s, started) if goals else None
         inputs = None
         if isinstance(data, StreamPlan):  # this trial reads the datasets itself, batch by batch
             inputs = StreamedInputs(data, build_dataset(data, "train"), build_dataset(data, "val"), ctx, cfg)
-        fit(cfg, data, ctx, TuneReporter(), inputs)
+        fit(cfg, data, ctx, TuneReporter(extra), inputs)
         return
     trial_id = tune.get_context().get_trial_id()
+    # Measured here, on CPU: this process holds no GPU (SearchConfig refuses latency_ms with --gpu then).
+    extra = trial_objectives(goals, cfg, data, torch.device("cpu"), cost_per_s, started) if goals else None
     run_training(cfg, data if isinstance(data, StreamPlan) else ray.put(data), placement, train_storage,
-                 name=f"trial_{trial_id}", callbacks=[QueueReportToTune()], in_trial=True)
+                 name=f"trial_{trial_id}", callbacks=[QueueReportToTune(extra)], in_trial=True)
 
 
 class QueueReportToTune(TuneReportCallback):
@@ -170,10 +192,16 @@ class QueueReportToTune(TuneReportCallback):
     trial), with the checkpoint's path as a full URI: Ray's gives ``checkpoint.path``,
     which lacks the scheme on remote storage. (Until 2026-11-30 the trial hosted Ray
     Train's controller in its own thread, through private parts: no gain was measured,
-    docs/internals.md.)"""
+    docs/internals.md.) ``extra``: the trial's objective values, added to each report."""
+
+    def __init__(self, extra: TrialObjectives | None = None):
+        super().__init__()
+        self.extra = extra
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         report = dict(metrics[0])
+        if self.extra is not None:
+            report.update(self.extra())
         if checkpoint:
             report[CHECKPOINT_PATH_KEY] = checkpoint_uri(checkpoint)
         super().after_report(run_context, [report], None)
@@ -182,11 +210,13 @@ class QueueReportToTune(TuneReportCallback):
 class GuardedOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna each trial's *best* value, and FAIL for trials that
     errored or diverged (Ray's own tells COMPLETE whenever a metric exists), so the sampler
-    never learns from them as if they were results."""
+    never learns from them as if they were results. With several objectives (``metric`` and
+    ``mode`` lists, Ray's public multi-objective path) it tells the values of the trial's best
+    epoch by the first objective (of equal ones the latest, as the tables pick), all finite."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._best: dict[str, float] = {}
+        self._best: dict[str, float | list[float]] = {}
         self._diverged: set[str] = set()
 
     def _open_in_study(self, trial_id: str) -> bool:
@@ -202,17 +232,22 @@ class GuardedOptunaSearch(OptunaSearch):
         if result.get("stop_reason") == STOP_DIVERGED:
             self._diverged.add(trial_id)
             return
-        if self._keep_best(trial_id, result):
+        if self._keep_best(trial_id, result) and not isinstance(self.metric, list):  # Optuna: no steps for several
             super().on_trial_result(trial_id, result)
 
     def _keep_best(self, trial_id: str, result: dict) -> bool:
         """Whether ``result`` holds a value to learn from (the trial's best kept)."""
-        value = result.get(self.metric)
-        if value is None or not math.isfinite(value) or not self._open_in_study(trial_id):
+        several = isinstance(self.metric, list)
+        names, modes = (self.metric, self.mode) if several else ([self.metric], [self.mode])
+        values = [result.get(m) for m in names]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) \
+                or not self._open_in_study(trial_id):
             return False
-        sign = 1 if self.mode == "max" else -1
-        if trial_id not in self._best or sign * (value - self._best[trial_id]) > 0:
-            self._best[trial_id] = value
+        sign = 1 if modes[0] == "max" else -1
+        kept = self._best.get(trial_id)
+        first = kept[0] if several and kept is not None else kept
+        if kept is None or sign * (values[0] - first) > 0 or (several and values[0] == first):
+            self._best[trial_id] = values if several else values[0]
         return True
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
@@ -243,9 +278,11 @@ def optuna_storage(experiment_dir: str | None):
 
 def build_searcher(space: SearchSpace, search: SearchConfig, study_name: str, experiment_dir: str | None):
     """``search.searcher``'s sampler (``auto`` and aliases resolved; the caller prints why)."""
-    choice = choose(search.searcher, space, search.trials)
+    choice = choose(search.searcher, space, search.trials, max(1, len(search.goals)))
+    goals = search.goals
+    metric, mode = ([g.name for g in goals], [g.mode for g in goals]) if goals else (space.metric, space.mode)
     return GuardedOptunaSearch(
-        space=space.define_by_run(), metric=space.metric, mode=space.mode, sampler=build_sampler(choice, search.seed),
+        space=space.define_by_run(), metric=metric, mode=mode, sampler=build_sampler(choice, search.seed),
         points_to_evaluate=[space.default_point()] if SAMPLERS[choice.name].first_point else None,
         study_name=study_name, storage=optuna_storage(experiment_dir),
     )
@@ -268,10 +305,11 @@ def concurrency(search: SearchConfig, resources: dict[str, float]) -> int:
     return max(1, min(search.trials, search.concurrent or fits))
 
 
-def trainable(space: SearchSpace, base: dict, data: ImageData, search: SearchConfig, experiment_uri: str):
+def trainable(space: SearchSpace, base: dict, data: ImageData, search: SearchConfig, experiment_uri: str,
+              cost_per_s: float | None = None):
     p = search.placement
     fn = tune.with_parameters(run_trial, space=space, base=base, data=data, placement=p,
-                              train_storage=experiment_uri)
+                              train_storage=experiment_uri, goals=search.goals, cost_per_s=cost_per_s)
     if p.workers == 1:
         resources = {"cpu": p.cpus_per_worker, "gpu": p.gpus_per_worker if p.use_gpu else 0}
     else:
@@ -305,12 +343,13 @@ def check_restorable(experiment_uri: str) -> None:
 
 def build_tuner(space: SearchSpace, base: dict, data: ImageData, search: SearchConfig, storage: str, name: str,
                 callbacks: list[Any], concurrent: int, experiment_dir: str | None, resume: bool,
-                progress_reporter=None, stopper=None) -> tune.Tuner:
+                progress_reporter=None, stopper=None, cost_per_s: float | None = None) -> tune.Tuner:
     """A new Tuner, or with ``resume`` the search at ``<storage>/<name>`` restored (Tune unpickles
     its state from there: resume only from storage that only trusted users can write; the
-    callbacks and the ``stopper``, a ``ray.tune.Stopper`` such as a budget, come from there too)."""
+    callbacks and the ``stopper``, a ``ray.tune.Stopper`` such as a budget, come from there too).
+    ``cost_per_s``: a trial's price per second, for a ``cost`` objective."""
     experiment_uri = f"{storage.rstrip('/')}/{name}"
-    fn = trainable(space, base, data, search, experiment_uri)
+    fn = trainable(space, base, data, search, experiment_uri, cost_per_s)
     if resume:
         check_restorable(experiment_uri)
         ray_private.forgive_deleted_checkpoints()

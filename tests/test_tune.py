@@ -272,3 +272,49 @@ def test_trials_schema_is_pinned():
 def test_requests_that_can_never_fit_are_refused(tmp_path, capsys):
     assert _tune(tmp_path, "x", "--space", "digits_cnn", "--workers-per-trial", "3") == 2
     assert "CPUs but the cluster has 2" in capsys.readouterr().err
+
+
+def test_a_multi_objective_search_records_its_pareto_front(tmp_path, capsys):
+    """Three objectives, one of them cost: the table's pareto column is the brute-force front
+    of its objective columns, and best.json, pareto.png, results and export --trial follow it."""
+    assert _tune(tmp_path, "mo", "--space", "digits_cnn", "--trials", "4", "--max-epochs", "1", "--seed", "2",
+                 "--objectives", "val_accuracy:max,params:min,cost:min", "--price", "cpu_hour=3.6") == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "mo"
+    trials = _trials(run)
+    names = ("objective_val_accuracy", "objective_params", "objective_cost")
+    assert len(trials) == 4 and all(t["status"] == "completed" for t in trials)
+    for t in trials:
+        assert t["objective_val_accuracy"] == t["best_val_accuracy"]
+        assert t["objective_params"] == trials[0]["objective_params"] > 1000  # the space keeps the network's size
+        assert 0 < t["objective_cost"] <= t["cost"]  # its cost at its reported epoch; the driver's covers all of it
+
+    def dominated(a, b):  # b dominates a: max accuracy, min params and cost
+        ge = [b[0] >= a[0], b[1] <= a[1], b[2] <= a[2]]
+        return all(ge) and tuple(a) != tuple(b)
+
+    points = [[t[n] for n in names] for t in trials]
+    assert [t["pareto"] for t in trials] == [not any(dominated(p, q) for q in points) for p in points]
+    front = {t["trial_id"] for t in trials if t["pareto"]}
+    best = json.loads((run / "best.json").read_text())
+    assert best["objectives"] == [{"name": "val_accuracy", "mode": "max"}, {"name": "params", "mode": "min"},
+                                  {"name": "cost", "mode": "min"}]
+    assert {f["trial_id"] for f in best["front"]} == front
+    assert all(Path(f["checkpoint"]).is_dir() for f in best["front"])
+    assert (run / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<h2>Pareto front</h2>" in (run / "report.html").read_text()  # Optuna's plot_pareto_front
+    assert f"pareto front: {len(front)} of 4 finished trials" in out
+    # Optuna was told each trial's point (three directions), as the table holds it.
+    study = optuna.load_study(study_name="mo", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(run / "optuna.journal"))))
+    assert len(study.directions) == 3
+    assert sorted(t.values for t in study.trials) == sorted(points)
+    # results: the front first; export --trial: any trial of it
+    assert main(["results", str(run), "--format", "json", "--top", "0"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["pareto"] for r in rows] == sorted((r["pareto"] for r in rows), reverse=True)
+    pick = best["front"][-1]["trial_id"]
+    assert main(["export", "--checkpoint", str(run), "--trial", pick, "--out", str(tmp_path / "m.pt")]) == 0
+    assert best["front"][-1]["checkpoint"] in capsys.readouterr().out
+    assert main(["export", "--checkpoint", str(run), "--trial", "nope", "--out", str(tmp_path / "n.pt")]) == 2
+    assert "--trial: 'nope' is not a trial of" in capsys.readouterr().err
