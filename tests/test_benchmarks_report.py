@@ -55,8 +55,8 @@ def test_records_of_uncommitted_trees_stay_off_the_page(tmp_path, monkeypatch):
     page = report.markdown()
     assert "| overhead | quick | 1.04 |" in page and "| overhead | full |" not in page
     assert "99" not in page and "| augment |" not in page
-    assert "Left out, not from a committed tree: augment (full, commit unknown), overhead (full, commit abc1234+dirty)." \
-        in page
+    assert ("Left out, not from a committed tree: augment (full, commit unknown), "
+            "overhead (full, commit abc1234+dirty).") in page
 
 
 def test_make_bench_stops_before_the_report_when_a_benchmark_fails(tmp_path):
