@@ -39,5 +39,6 @@ test-oldest-ray: $(OLDEST_VENV)/bin/python
 	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[dev]" "ray[data,train,tune,default]==$(OLDEST_RAY).*"
 	PATH=$(OLDEST_VENV)/bin:$$PATH $(OLDEST_VENV)/bin/python -m pytest -q -m smoke tests
 
+# The report is rewritten only when every benchmark ran (&&), and only from clean records.
 bench: install
-	$(VENV_PYTHON) -m benchmarks all; $(VENV_PYTHON) -m benchmarks.report --readme
+	$(VENV_PYTHON) -m benchmarks all && $(VENV_PYTHON) -m benchmarks.report --readme

@@ -24,10 +24,14 @@ def run_all(mode: str, out: str | None) -> int:
         lines = proc.stdout.rstrip("\n").splitlines()
         print("\n".join(lines[:-1]), flush=True)
         try:
-            records.append(json.loads(lines[-1]))
+            rec = json.loads(lines[-1])
         except (IndexError, json.JSONDecodeError):
+            rec = None
+        if proc.returncode or rec is None:  # a crash after its JSON line fails it too
             failed.append(name)
             print(f"{name}: failed (exit {proc.returncode})", flush=True)
+        else:
+            records.append(rec)
     rows = [[r["name"], r["value"], r["unit"], r["target"], r["met"]] for r in records]
     rows += [[name, None, "failed", None, None] for name in failed]
     print("\n== all benchmarks\n" + table(["benchmark", "value", "unit", "target", "met"], rows), flush=True)

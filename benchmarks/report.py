@@ -1,4 +1,4 @@
-"""`python -m benchmarks.report [--readme]`: the latest full results (``results/NAME.json``)
+"""`python -m benchmarks.report [--readme]`: the latest clean full results (``results/NAME.json``)
 as Markdown; ``--readme`` writes them into docs/benchmarks.md (the README's Performance
 page) between the bench markers, so its figures always come from a run, never from typing."""
 
@@ -25,23 +25,41 @@ def _table(headers, rows) -> list[str]:
     return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
 
 
-def _latest(name: str) -> dict | None:
-    """The full run's record, else the --quick run's (its rows say so): a benchmark whose
-    full run does not fit a session still shows what was measured, labelled."""
+def clean(rec: dict) -> bool:
+    """A record of a committed tree: its commit is recorded without the ``+dirty`` mark
+    (``benchmarks.common.versions``). Only these reach the page: a figure must be reproducible."""
+    commit = rec.get("versions", {}).get("raysweep_commit") or ""
+    return bool(commit) and not commit.endswith("+dirty")
+
+
+def _latest(name: str) -> tuple[dict | None, list[dict]]:
+    """The full run's clean record, else the --quick run's (its rows say so): a benchmark whose
+    full run does not fit a session still shows what was measured, labelled. Also the records
+    passed over for not being clean."""
+    dirty = []
     for suffix in ("", ".quick"):
         if (path := RESULTS_DIR / f"{name}{suffix}.json").is_file():
-            return json.loads(path.read_text())
-    return None
+            rec = json.loads(path.read_text())
+            if clean(rec):
+                return rec, dirty
+            dirty.append(rec)
+    return None, dirty
 
 
 def markdown() -> str:
-    records = [r for name in BENCHMARKS if (r := _latest(name)) is not None]
-    missing = [n for n in BENCHMARKS if _latest(n) is None]
+    found = {name: _latest(name) for name in BENCHMARKS}
+    records = [r for r, _ in found.values() if r is not None]
+    missing = [n for n, (r, _) in found.items() if r is None]
+    dirty = [d for _, ds in found.values() for d in ds]
     out = _table(["benchmark", "mode", "value", "unit", "target", "met", "measured"],
                  [[r["name"], r.get("mode", "full"), _cell(r["value"], 4),  # 4 digits: 1.023 is not 1.02
                    r["unit"], r["target"], r["met"], r["date"][:16]] for r in records])
     if missing:
         out += ["", f"No run on record yet: {', '.join(missing)}."]
+    if dirty:
+        out += ["", "Left out, not from a committed tree: " + ", ".join(
+            f"{d['name']} ({d.get('mode', 'full')}, commit {d.get('versions', {}).get('raysweep_commit') or 'unknown'})"
+            for d in dirty) + "."]
     for r in records:
         machine = r.get("machine", {})
         out += ["", f"### {r['name']}", "", f"`{r['command']}` ({machine.get('cpu', '')}, "

@@ -69,8 +69,9 @@ def add_config(p: argparse.ArgumentParser) -> None:
 
 
 def add_price(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--price", metavar="gpu_hour=X,cpu_hour=Y", help="prices per reserved GPU/CPU hour (any currency; "
-                   "a key left out costs 0): fills the cost column and totals")
+    p.add_argument("--price", metavar="gpu_hour=X,cpu_hour=Y|FILE.yaml", help="prices per reserved GPU/CPU hour (any "
+                   "currency; a key left out costs 0), or a cluster.yaml/RayCluster file with prices per node type "
+                   "(the dearest is charged; docs/tune.md): fills the cost column and totals")
 
 
 def add_tracking(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,9 @@ Usage is what a run *reserved* times its wall time: ``cpu_seconds`` = CPUs held 
 ``gpu_seconds`` likewise (a 0.25-GPU trial counts a quarter). That is what a cloud bill
 charges for: a reserved GPU costs the same whether the step keeps it busy or not. Prices
 (``--price gpu_hour=1.2,cpu_hour=0.05``, any currency) turn usage into ``cost``; without
-them ``cost`` is empty. Per-node-type prices from ``cluster.yaml`` are not read (yet).
+them ``cost`` is empty. ``--price FILE.yaml`` reads prices per node type from a cluster.yaml
+or a KubeRay RayCluster/RayJob and charges every run the dearest node type's prices, an
+upper bound: which node type a trial ran on is not traced (yet).
 
 A budget (``--budget-gpu-hours``, ``--budget-cpu-hours``, ``--budget-cost``) is checked by
 ``BudgetStopper``, a Ray Tune ``Stopper``: Tune asks ``stop_all`` at every step of its loop,
@@ -18,9 +20,11 @@ import math
 from dataclasses import dataclass, fields
 from typing import Callable, Iterable, Mapping
 
+import yaml
 from ray.tune.stopper import Stopper
 
-from trainers.configtools import ConfigError
+from trainers.configtools import ConfigError, FileReadError
+from trainers.yamlfile import MAX_YAML_BYTES
 
 PRICE_EXAMPLE = "gpu_hour=1.2,cpu_hour=0.05"
 USAGE_KEYS = ("cpu_seconds", "gpu_seconds", "cost")
@@ -45,6 +49,8 @@ def parse_prices(value: str | Mapping | Prices | None, flag: str = "--price") ->
     None stays None (no prices: no cost). Every problem is reported at once, naming ``flag``."""
     if value is None or isinstance(value, Prices):
         return value
+    if isinstance(value, str) and value.strip().lower().endswith((".yaml", ".yml")):
+        return upper_bound(node_type_prices(value.strip(), flag))
     problems: list[str] = []
     pairs = _pairs(value, flag, problems)
     prices: dict[str, float] = {}
@@ -88,6 +94,101 @@ def _price(raw) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) and number >= 0 else None
+
+
+# price -> the key that states it on a node type: a cluster.yaml node type's ``labels`` (the
+# only free-form field Ray's schema allows there; Ray also puts them on the node) or a KubeRay
+# group's ``template.metadata.annotations``. Both take strings only: ``"1.2"``.
+PRICE_LABELS = {"gpu_hour": "raysweep.io/gpu-hour-price", "cpu_hour": "raysweep.io/cpu-hour-price"}
+KUBERAY_HEAD_GROUP = "headgroup"  # the node group KubeRay names the head (its ray.io/node-group label)
+
+
+def node_type_prices(path: str, flag: str = "--price") -> dict[str, Prices]:
+    """Each node type that states a price in the cluster file at ``path`` -> its Prices. All
+    problems are reported at once, naming the file, the node type, the key and the value."""
+    where = f"{flag} {path}"
+    types = _node_types(_documents(path, flag), where)
+    problems: list[str] = []
+    table: dict[str, Prices] = {}
+    for name, fields_ in types.items():
+        stated = {key: fields_[label] for key, label in PRICE_LABELS.items() if label in fields_}
+        prices = {key: n for key, raw in stated.items() if (n := _label_price(raw)) is not None}
+        problems += [f"{where}: node type {name!r}: {PRICE_LABELS[key]}: {raw!r} must be a finite number >= 0 "
+                     'written as a string, e.g. "1.2"' for key, raw in stated.items() if key not in prices]
+        if stated:
+            table[name] = Prices(**prices)
+    if not table and not problems:
+        problems.append(f"{where}: no node type states a price; give one {' or '.join(PRICE_LABELS.values())} "
+                        "(cluster.yaml: available_node_types.TYPE.labels; KubeRay: the group's "
+                        "template.metadata.annotations), e.g. \"1.2\"")
+    if problems:
+        raise ConfigError(problems)
+    return table
+
+
+def upper_bound(table: Mapping[str, Prices]) -> Prices:
+    """The dearest price of each resource over the node types: no run can cost more."""
+    return Prices(**{key: max(getattr(p, key) for p in table.values()) for key in PRICE_KEYS})
+
+
+def _label_price(raw) -> float | None:
+    return _price(raw) if isinstance(raw, str) else None
+
+
+def _documents(path: str, flag: str) -> list:
+    """The YAML documents of ``path`` (a KubeRay file may hold several)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+        text = raw[:MAX_YAML_BYTES].decode("utf-8")
+    except FileNotFoundError:
+        raise FileReadError([f"{flag}: no file at {path!r}; give a cluster.yaml or KubeRay RayCluster file, "
+                             f"or prices as {PRICE_EXAMPLE}"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FileReadError([f"{flag} {path}: cannot be read as a YAML file ({e})"]) from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise FileReadError([f"{flag} {path}: larger than {MAX_YAML_BYTES} bytes; give the cluster file"])
+    try:
+        # SafeLoader, aliases allowed: KubeRay files share blocks with them (k8s/raycluster.yaml
+        # does). An alias is a reference, not a copy, and only a few keys are read here.
+        return [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{flag} {path}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__})"]) \
+            from None
+
+
+def _launcher_types(doc: Mapping) -> dict[str, Mapping] | None:
+    types = doc.get("available_node_types")
+    return {str(k): _mapping(v, "labels") for k, v in types.items()} if isinstance(types, Mapping) else None
+
+
+def _kuberay_types(doc: Mapping) -> dict[str, Mapping] | None:
+    if doc.get("kind") not in ("RayCluster", "RayJob"):
+        return None
+    spec = _mapping(doc, "spec")
+    spec = _mapping(spec, "rayClusterSpec") if doc["kind"] == "RayJob" else spec
+    groups = {KUBERAY_HEAD_GROUP: spec.get("headGroupSpec")}
+    groups |= {g.get("groupName"): g for g in spec.get("workerGroupSpecs") or [] if isinstance(g, Mapping)}
+    return {str(k): _mapping(_mapping(_mapping(g, "template"), "metadata"), "annotations")
+            for k, g in groups.items() if isinstance(g, Mapping)}
+
+
+CLUSTER_FILES = (_launcher_types, _kuberay_types)  # each reads its kind of file's node types, or None
+
+
+def _node_types(docs: list, where: str) -> dict[str, Mapping]:
+    """Node type -> where its prices are written, from the first document that is a cluster."""
+    for doc in (d for d in docs if isinstance(d, Mapping)):
+        for read in CLUSTER_FILES:
+            if (types := read(doc)) is not None:
+                return types
+    raise ConfigError([f"{where}: neither a cluster.yaml (available_node_types) nor a KubeRay RayCluster or RayJob; "
+                       f"give one of those, or prices as {PRICE_EXAMPLE}"])
+
+
+def _mapping(node, key: str) -> Mapping:
+    value = node.get(key) if isinstance(node, Mapping) else None
+    return value if isinstance(value, Mapping) else {}
 
 
 @dataclass(frozen=True)

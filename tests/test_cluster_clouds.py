@@ -97,3 +97,28 @@ def test_raysweep_counts_the_gpu_nodes_the_autoscaler_may_add(cloud, tmp_path):
     bootstrap = tmp_path / "ray_bootstrap_config.yaml"
     bootstrap.write_text(json.dumps(config))  # as `ray up` leaves it on the head
     assert autoscaler_ceiling(bootstrap) == {"CPU": 64.0, "GPU": 8.0}  # 8 GPU nodes of 8 CPUs, spot off
+
+
+@pytest.mark.parametrize("storage", ["abfs://raysweep@acct.dfs.core.windows.net/runs/r1/checkpoint_000002",
+                                     "abfss://raysweep@acct.dfs.core.windows.net/runs/r1/checkpoint_000002"])
+def test_an_azure_checkpoint_is_recorded_with_its_account(storage):
+    """Issue #23: Ray's Checkpoint.path on Azure is CONTAINER/PATH; the URI raysweep records
+    (summary.json, best.json) opens the same filesystem and path again, no request sent."""
+    from ray.train import Checkpoint
+
+    from trainers.distributed import checkpoint_uri
+
+    fs, path = pafs.FileSystem.from_uri(storage)
+    uri = checkpoint_uri(Checkpoint(path=path, filesystem=fs))
+    assert uri == "abfs://raysweep@acct.dfs.core.windows.net/runs/r1/checkpoint_000002"
+    again, again_path = pafs.FileSystem.from_uri(uri)
+    assert again.equals(fs) and again_path == path
+
+
+def test_an_azure_checkpoint_uri_never_carries_the_key():
+    from ray.train import Checkpoint
+
+    from trainers.distributed import checkpoint_uri
+
+    fs = pafs.AzureFileSystem(account_name="acct", account_key="c2VjcmV0a2V5")
+    assert checkpoint_uri(Checkpoint(path="c/run/ck", filesystem=fs)) == "abfs://c@acct.dfs.core.windows.net/run/ck"

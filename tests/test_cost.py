@@ -3,13 +3,16 @@
 import json
 import math
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from cluster.cli import main
-from cluster.cost import Budget, BudgetStopper, Prices, Reserved, parse_prices, total, usage
+from cluster.cost import (PRICE_LABELS, Budget, BudgetStopper, Prices, Reserved, node_type_prices, parse_prices, total,
+                          usage)
 from trainers.configtools import ConfigError
 from trainers.distributed import Placement
 
@@ -161,3 +164,76 @@ def test_train_summary_carries_usage_and_cost(tmp_path, capsys):
     assert saved["cost"] == pytest.approx(saved["wall_seconds"] * (4 * 0.36 + 2 * 1.8) / 3600)
     assert saved["wall_seconds"] == pytest.approx(100.0, abs=1.0)
     assert "used        0.1111 CPU-hours, 0.05556 GPU-hours, cost 0.14" in capsys.readouterr().out
+
+
+# -- prices per node type (--price FILE.yaml) -----------------------------------------------
+
+GPU_PRICE, CPU_PRICE = PRICE_LABELS["gpu_hour"], PRICE_LABELS["cpu_hour"]
+
+
+def _priced_cluster_yaml(tmp_path, gpu="3.06", gpu_cpu="0.1") -> str:
+    """The shipped cluster.yaml with prices in its node types' labels; Ray's own schema and
+    checks accept it (labels are the only free-form field of a node type)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from test_cluster_yaml import ROOT
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    types = config["available_node_types"]
+    types["gpu"]["labels"] = {GPU_PRICE: gpu, CPU_PRICE: gpu_cpu}
+    types["gpu_spot"]["labels"] = {GPU_PRICE: "1.1"}
+    types["head"]["labels"] = {CPU_PRICE: "0.05"}
+    validate_config(prepare_config(config))
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_node_type_prices_from_cluster_yaml_labels_and_the_upper_bound(tmp_path):
+    path = _priced_cluster_yaml(tmp_path)
+    assert node_type_prices(path) == {"gpu": Prices(gpu_hour=3.06, cpu_hour=0.1), "gpu_spot": Prices(gpu_hour=1.1),
+                                      "head": Prices(cpu_hour=0.05)}
+    # which node type a trial ran on is not traced: every run pays the dearest price of each
+    assert parse_prices(path) == Prices(gpu_hour=3.06, cpu_hour=0.1)
+
+
+def test_node_type_prices_from_kuberay_group_annotations(tmp_path):
+    """The shipped RayCluster and RayJob with prices annotated on group pod templates still
+    pass strict CRD validation; the head group is KubeRay's `headgroup`."""
+    from test_k8s import _docs, schema_errors
+
+    for name, kind in (("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")):
+        doc = _docs(name)[kind]
+        spec = doc["spec"]["rayClusterSpec"] if kind == "RayJob" else doc["spec"]
+        spec["headGroupSpec"]["template"].setdefault("metadata", {})["annotations"] = {CPU_PRICE: "0.2"}
+        gpu = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
+        gpu["template"].setdefault("metadata", {}).setdefault("annotations", {}).update({GPU_PRICE: "2.5"})
+        assert schema_errors(doc) == []
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump_all([{"kind": "ConfigMap", "metadata": {"name": "x"}}, doc]))
+        assert node_type_prices(str(path)) == {"headgroup": Prices(cpu_hour=0.2), "gpu": Prices(gpu_hour=2.5)}
+        assert parse_prices(str(path)) == Prices(gpu_hour=2.5, cpu_hour=0.2)
+
+
+def test_bad_price_files_are_refused_naming_file_node_type_key_and_value(tmp_path):
+    path = _priced_cluster_yaml(tmp_path, gpu="-1", gpu_cpu="cheap")
+    config = yaml.safe_load(open(path))
+    config["available_node_types"]["gpu_spot"]["labels"] = {GPU_PRICE: 1.1}  # a number: Ray wants strings
+    open(path, "w").write(yaml.safe_dump(config))
+    with pytest.raises(ConfigError) as e:
+        parse_prices(path)
+    said = str(e.value)
+    assert f"--price {path}: node type 'gpu': {GPU_PRICE}: '-1' must be a finite number >= 0" in said
+    assert f"node type 'gpu': {CPU_PRICE}: 'cheap'" in said and f"node type 'gpu_spot': {GPU_PRICE}: 1.1" in said
+    (tmp_path / "plain.yaml").write_text("data:\n  name: digits\n")
+    with pytest.raises(ConfigError, match="neither a cluster.yaml .* nor a KubeRay RayCluster or RayJob"):
+        parse_prices(str(tmp_path / "plain.yaml"))
+    with pytest.raises(ConfigError, match="no node type states a price"):
+        parse_prices(str(Path(__file__).resolve().parents[1] / "cluster.yaml"))
+
+
+def test_train_refuses_a_missing_price_file_before_anything_runs(tmp_path, capsys):
+    assert main(["train", "--storage", str(tmp_path), "--price", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"--price: no file at '{tmp_path / 'nope.yaml'}'" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())

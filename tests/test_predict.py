@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +18,7 @@ import torch
 from torchvision.io import write_png
 
 from cluster.cli import main
-from trainers.config import TrainRunConfig
+from trainers.config import DataConfig, TrainRunConfig
 from trainers.data import load_data, write_parquet_images
 from trainers.inference import inference_precision
 
@@ -266,6 +267,25 @@ def test_named_data_set_of_another_size_gives_error_rows_and_no_ray_error_line(r
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 400 and all("3x16x16" in r["error"] and "1x8x8" in r["error"] for r in rows)
     assert all(r["label"] is None and r["pred_index"] is None for r in rows)  # its classes are not the model's
+
+
+def test_our_ray_data_calls_raise_no_deprecation_warning(run, tmp_path, capsys):
+    """Issue #19: a streamed Parquet read (built, not run) and a predict, both on the module's
+    Ray: no DeprecationWarning or FutureWarning points at a line of ours."""
+    from trainers.streaming import build_dataset, plan_stream
+
+    run_dir, _, test, classes = run
+    (tmp_path / "in").mkdir()
+    write_parquet_images(tmp_path / "in" / "train.parquet", test.x[:40], test.y[:40], classes)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        build_dataset(plan_stream(DataConfig(name="parquet", root=str(tmp_path / "in"))), "train")
+        code, _ = _predict(capsys, "--checkpoint", run_dir, "--data", f"parquet:{tmp_path / 'in' / 'train.parquet'}",
+                           "--out", tmp_path / "p.parquet")
+    repo = str(Path(__file__).resolve().parents[1])
+    ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in seen
+            if issubclass(w.category, (DeprecationWarning, FutureWarning)) and w.filename.startswith(repo)]
+    assert code == 0 and ours == []
 
 
 # -- plain functions, no Ray -----------------------------------------------------------------

@@ -244,14 +244,33 @@ def best_checkpoint(result: ray.train.Result, metric: str, mode: str) -> Checkpo
     return pick(scored, key=lambda cm: cm[1][metric])[0]
 
 
-# pyarrow filesystem type -> URI scheme, for paths kept for later (summary.json, best.json).
-_SCHEMES = {"S3FileSystem": "s3", "GcsFileSystem": "gs", "AzureFileSystem": "abfs", "HadoopFileSystem": "hdfs"}
+def _bucket_uri(scheme: str):
+    return lambda fs, path: f"{scheme}://{path}"
+
+
+def _abfs_uri(fs, path: str) -> str:
+    """``abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/REST``, the form docs/cluster.md gives
+    for --storage: pyarrow's path starts at the container and the account is not in it.
+    pyarrow (26) has no public getter for the account; its pickled options (``__reduce__``,
+    how the filesystem travels to Ray's workers) carry it. Only the account name and
+    its DFS domain are used, never the key or token kept next to them. An account behind
+    another endpoint (an emulator's ``host:port``) has no such URI: the path stays bare."""
+    options = next((a for a in fs.__reduce__()[1] if isinstance(a, dict)), {})
+    account, domain = options.get("account_name"), options.get("dfs_storage_authority") or ""
+    if not account or not domain.startswith("."):
+        return f"abfs://{path}"
+    container, _, rest = path.partition("/")
+    return f"abfs://{container}@{account}{domain}/{rest}"
+
+
+# pyarrow filesystem type -> the URI of a path on it, for paths kept for later (summary.json, best.json).
+_URIS = {"S3FileSystem": _bucket_uri("s3"), "GcsFileSystem": _bucket_uri("gs"), "AzureFileSystem": _abfs_uri,
+         "HadoopFileSystem": _bucket_uri("hdfs")}
 
 
 def checkpoint_uri(checkpoint: Checkpoint) -> str:
     """Where a checkpoint is, as a full URI on remote storage: Ray's ``Checkpoint.path`` is a
     path within its filesystem (``bucket/run/checkpoint_...``), which nothing can open later
-    without the scheme."""
-    scheme = _SCHEMES.get(type(checkpoint.filesystem).__name__)
-    path = checkpoint.path
-    return f"{scheme}://{path.lstrip('/')}" if scheme and "://" not in path else path
+    without the scheme (and, on Azure, the account)."""
+    to_uri, path = _URIS.get(type(checkpoint.filesystem).__name__), checkpoint.path
+    return to_uri(checkpoint.filesystem, path.lstrip("/")) if to_uri and "://" not in path else path

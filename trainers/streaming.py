@@ -341,7 +341,9 @@ def build_dataset(plan: StreamPlan, split: str):
     fs, _ = open_fs(source.location)
     shuffle = ray.data.FileShuffleConfig(seed=spec.seed, reseed_after_execution=True) if split == "train" else None
     if source.kind == "parquet":
-        ds = ray.data.read_parquet(list(source.files), filesystem=fs, columns=["image", "label"], shuffle=shuffle)
+        # select_columns, not read_parquet's deprecated columns= (Ray 2.58-2.60 do the same inside)
+        ds = ray.data.read_parquet(list(source.files), filesystem=fs, shuffle=shuffle)
+        ds = ds.select_columns(["image", "label"])
     else:
         ds = ray.data.read_binary_files(list(source.files), filesystem=fs, include_paths=True, shuffle=shuffle)
     return ds.map_batches(decode_batch, fn_kwargs={"spec": spec}, batch_format="numpy", batch_size=64,
