@@ -123,10 +123,11 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(ray_local, run):
+    import raysweep
     from cluster.connect import free_port
-    from cluster.serve_app import deploy, shutdown
+    from cluster.serve_app import shutdown
 
-    s = deploy(str(run[0]), options=ServeOptions(port=free_port(), max_body_bytes=BODY_LIMIT, max_batch=8))
+    s = raysweep.serve(run[0], port=free_port(), max_batch=8, max_body_bytes=BODY_LIMIT)  # the Python API
     yield s
     shutdown(embedded=False)
     from ray import serve
