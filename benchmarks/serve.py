@@ -18,6 +18,7 @@ import http.client
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,9 @@ def checkpoint(model: str, shape: tuple[int, int, int], directory: Path) -> dict
 
 def in_process(path: Path, shape, calls: int) -> dict[int, dict]:
     """The exported file called in this process: latency of one call per batch size."""
-    module = torch.jit.load(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript deprecated, still loads it
+        module = torch.jit.load(str(path))
     out = {}
     for batch in CONCURRENCY:
         x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8)

@@ -150,6 +150,25 @@ def _call(url: str, data: bytes | None = None, content_type: str = "image/png", 
         time.sleep(0.2)
 
 
+def test_trial_picks_that_trials_checkpoint_or_says_why_not(run, tmp_path):
+    import pyarrow as pa
+
+    from cluster.serve_app import resolve
+    from cluster.serve_http import model_card
+    from trainers.inference import InferenceError
+
+    checkpoint = str(run[0] / "checkpoint_000001")
+    pq.write_table(pa.table({"trial_id": ["a1", "b2"], "status": ["completed", "failed"],
+                             "checkpoint": [checkpoint, None]}), tmp_path / "trials.parquet")
+    state, where, how = resolve(str(tmp_path), "a1")
+    assert where == checkpoint and how == "trial a1 of the tune experiment"
+    assert model_card(state, where, how, "a1")["trial"] == "a1" and model_card(state, where, how)["run"] == "run"
+    with pytest.raises(InferenceError, match="saved no checkpoint \\(status 'failed'\\)"):
+        resolve(str(tmp_path), "b2")
+    with pytest.raises(InferenceError, match="no such trial in .*; its trials: a1, b2"):
+        resolve(str(tmp_path), "zz")
+
+
 def test_answers_match_raysweep_predict_on_the_same_files(served, run, tmp_path, capsys):
     from cluster.cli import main
 
