@@ -22,9 +22,9 @@ from trainers.inference import InferenceError
 
 def _serve_arguments(p) -> None:
     p.add_argument("action", nargs="?", choices=("status", "stop"),
-                   help="status / stop: the application on the cluster --address names (a foreground `raysweep "
-                        "serve` on the embedded Ray has no address to reach: Ctrl-C in its terminal stops it; "
-                        "start the Ray with `raysweep head` and pass --address to manage it from elsewhere)")
+                   help="status / stop: the application on the Ray that --address (or RAY_ADDRESS) names: a "
+                        "cluster's, or the address a foreground `raysweep serve` on the embedded Ray prints "
+                        "(Ctrl-C in its terminal stops that one too)")
     p.add_argument("--checkpoint", metavar="PATH|EXPERIMENT", help="what to serve, found as `raysweep predict` "
                    "finds it: a checkpoint dir or state.pt, a train run dir or a tune experiment dir (its best trial)")
     p.add_argument("--trial", metavar="ID", help="with a tune experiment: serve this trial's checkpoint, not the best")
@@ -56,8 +56,8 @@ def _manage(args) -> int:
     from cluster.serve_app import status, stop
 
     if not resolve_address(args.address):
-        raise ClusterError(f"serve {args.action}: give --address (or RAY_ADDRESS) of the cluster serving the model; "
-                           "a `raysweep serve` on the embedded Ray is stopped with Ctrl-C in its own terminal")
+        raise ClusterError(f"serve {args.action}: give --address (or RAY_ADDRESS) of the Ray serving the model: the "
+                           "cluster's, or the one a foreground `raysweep serve` printed on its `manage` line")
     connect(args.address, dashboard=False)
     if args.action == "status":
         found = status()
@@ -98,6 +98,8 @@ def _foreground(embedded: bool) -> int:
 
 @command("serve", "serve a checkpoint over HTTP on Ray Serve (POST /predict); `serve status`, `serve stop`")(_serve_arguments)
 def _serve(args: argparse.Namespace) -> int:
+    import ray
+
     from cluster.connect import resolve_address
 
     if args.action:
@@ -122,5 +124,6 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"raysweep serve: model {served.model['id']} from {served.model['source']}: {served.model['checkpoint']}\n"
           f"url         {served.url}/predict  (also /healthz, /metadata)\n"
           f"try         curl --data-binary @image.png {served.url}/predict\n"
+          f"manage      raysweep serve status|stop --address {ray.get_runtime_context().gcs_address}\n"
           f"ready       Ctrl-C stops it", flush=True)
     return _foreground(embedded=not resolve_address(args.address))

@@ -86,6 +86,20 @@ def test_an_internal_error_gets_an_id_that_the_log_has(caplog):
     assert any(body["error_id"] in r.getMessage() and "boom" in r.getMessage() for r in caplog.records)
 
 
+def test_cli_refuses_before_starting_anything(tmp_path, capsys):
+    from cluster.cli import main
+
+    for argv, said in ((["serve"], "--checkpoint PATH|EXPERIMENT is required"),
+                       (["serve", "--checkpoint", str(tmp_path), "--autoscale", "4"], "--autoscale: '4' is not MIN:MAX"),
+                       (["serve", "--checkpoint", str(tmp_path), "--autoscale", "0:0"], "MAX >= 1"),
+                       (["serve", "--checkpoint", str(tmp_path / "nothing")], "no such file or directory")):
+        assert main(argv) == 2
+        assert said in capsys.readouterr().err
+    import ray
+
+    assert not ray.is_initialized()
+
+
 def test_trial_that_is_not_in_the_experiment_is_refused(tmp_path):
     from cluster.serve_app import resolve
     from trainers.inference import InferenceError
@@ -257,20 +271,22 @@ def test_a_replica_killed_mid_traffic_is_replaced_and_no_request_is_lost(served,
     assert all(s == 200 or s >= 500 for s in outcomes) and outcomes[-3:] == [200, 200, 200], outcomes
 
 
-def test_status_and_stop_from_another_process_end_the_foreground_server(served):
-    """`serve status` / `serve stop` reach the module's Ray by its address, as they reach a
-    cluster; the foreground loop then sees its application gone and exits 0."""
+def test_status_and_stop_by_address_end_the_foreground_server(served, capsys, monkeypatch):
+    """`serve status` / `serve stop` reach a Ray by its address, as they reach a cluster (stop
+    from another process); the foreground loop then sees its application gone and exits 0."""
     import ray
 
+    from cluster.cli import main
     from cluster.serve_app import status
     from cluster.serve_cmd import _foreground
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     address = ray.get_runtime_context().gcs_address
-    cli = [sys.executable, "-m", "cluster", "serve"]
-    shown = subprocess.run(cli + ["status", "--address", address], capture_output=True, text=True, env=env, timeout=120)
-    assert shown.returncode == 0 and "'status': 'RUNNING'" in shown.stdout, shown.stderr[-2000:]
-    stopper = threading.Thread(target=lambda: subprocess.run(cli + ["stop", "--address", address], env=env, timeout=120))
+    capsys.readouterr()
+    assert main(["serve", "status", "--address", address]) == 0
+    assert "'status': 'RUNNING'" in capsys.readouterr().out
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    stopper = threading.Thread(target=lambda: subprocess.run(
+        [sys.executable, "-m", "cluster", "serve", "stop", "--address", address], env=env, timeout=120))
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     stopper.start()
     try:
@@ -279,6 +295,7 @@ def test_status_and_stop_from_another_process_end_the_foreground_server(served):
         signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, handlers[1])
     stopper.join()
-    assert status() is None
-    refused = subprocess.run(cli + ["status"], capture_output=True, text=True, env={**env, "RAY_ADDRESS": ""}, timeout=120)
-    assert refused.returncode == 2 and "give --address" in refused.stderr
+    assert status() is None and "the application was deleted" in capsys.readouterr().out
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["serve", "stop"]) == 2
+    assert "give --address" in capsys.readouterr().err
