@@ -46,7 +46,8 @@ class Predictor:
                  tta: str | None = None):
         import ray
 
-        self._load(ray.get(state[0]), stages, device, top_k, precision, threads, batch_size, tta)  # put once by the driver
+        state = ray.get(state[0])  # the weights, put once by the driver
+        self._load(state, stages, device, top_k, precision, threads, batch_size, tta)
 
     @classmethod
     def from_state(cls, state: dict, stages, device: str, top_k: int, precision: str | None, threads: int,
