@@ -143,11 +143,13 @@ def _check_resources(opts: ServeOptions) -> None:
 def deploy(checkpoint: str, trial: str | None = None, options: ServeOptions = ServeOptions(),
            address: str | None = None, precision: str | None = None, tta: str | None = None) -> Served:
     """Start (or replace) the ``raysweep`` Serve application; returns once it answers."""
-    from cluster.connect import connect
+    from cluster.connect import connect, resolve_address
     from trainers.configtools import ConfigError
 
     if problems := options.problems():
         raise ConfigError(problems)
+    if not resolve_address(address):
+        _check_port_free(options.host, options.port)  # else the health check could reach whatever holds it
     state, where, how = resolve(checkpoint, trial)  # all refusals come before Ray starts
     card = model_card(state, where, how, trial)
     connect(address, dashboard=False)
@@ -160,22 +162,39 @@ def deploy(checkpoint: str, trial: str | None = None, options: ServeOptions = Se
                            **options.scaling())
     handle = serve.run(app.bind(state, card, dataclasses.asdict(options), precision, tta), name=APP_NAME,
                        route_prefix="/", blocking=False)
-    url = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '::') else options.host}:{options.port}"
+    host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{options.port}"
     _wait_healthy(url)
     return Served(url, handle, card, options)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    from cluster.connect import ClusterError
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise ClusterError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                           "pick another --port, or stop what holds it") from None
+
+
 def _wait_healthy(url: str, timeout_s: float = 60.0) -> None:
     """The proxy may start listening a moment after the application is RUNNING."""
+    from cluster.connect import ClusterError
+
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
                 if r.status == 200:
                     return
-        except OSError:
+        except OSError as e:
             if time.monotonic() > deadline:
-                raise
+                raise ClusterError(f"{url}/healthz did not answer within {timeout_s:g} s ({e}); the application "
+                                   "is deployed: see `raysweep serve status` and Serve's logs") from None
         time.sleep(0.2)
 
 

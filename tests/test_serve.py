@@ -100,6 +100,23 @@ def test_cli_refuses_before_starting_anything(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+def test_a_port_in_use_is_refused_before_ray_starts(tmp_path):
+    import socket
+
+    import ray
+
+    from cluster.connect import ClusterError
+    from cluster.serve_app import deploy
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ClusterError, match=f"--host 127.0.0.1 --port {port}: cannot listen there"):
+            deploy(str(tmp_path), options=ServeOptions(port=port))
+    assert not ray.is_initialized()
+
+
 def test_trial_that_is_not_in_the_experiment_is_refused(tmp_path):
     from cluster.serve_app import resolve
     from trainers.inference import InferenceError
