@@ -36,7 +36,7 @@ $(OLDEST_VENV)/bin/python:
 	$(PYTHON) -m venv $(OLDEST_VENV)
 
 test-oldest-ray: $(OLDEST_VENV)/bin/python
-	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[dev]" "ray[data,train,tune,default]==$(OLDEST_RAY).*"
+	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[dev]" "ray[data,train,tune,serve,default]==$(OLDEST_RAY).*"
 	PATH=$(OLDEST_VENV)/bin:$$PATH $(OLDEST_VENV)/bin/python -m pytest -q -m smoke tests
 
 # The report is rewritten only when every benchmark ran (&&), and only from clean records.

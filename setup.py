@@ -8,7 +8,7 @@ setup(
     packages=find_packages(include=["raysweep*", "cluster*", "trainers*", "search_spaces*"]),
     package_data={"search_spaces": ["*.yaml"], "cluster": ["*.yaml"]},
     install_requires=[
-        "ray[data,train,tune,default]>=2.58,<2.61",  # supported: 2.58-2.60 (docs/internals.md)
+        "ray[data,train,tune,serve,default]>=2.58,<2.61",  # supported: 2.58-2.60 (docs/internals.md)
         "torch>=2.4",
         "torchvision>=0.19",
         "optuna>=4.0",

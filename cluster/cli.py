@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _import_commands() -> None:
     """The modules whose ``@command`` decorators register the other subcommands."""
     from cluster import (convert_cmd, head_cmd, jobs_cmd, predict_cmd, report_cmd, results_cmd,  # noqa: F401
-                         tune_cmd)
+                         serve_cmd, tune_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

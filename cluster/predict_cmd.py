@@ -47,10 +47,22 @@ class Predictor:
     def __init__(self, state, stages, device: str, top_k: int, precision: str | None, threads: int, batch_size: int,
                  tta: str | None = None):
         import ray
+
+        state = ray.get(state[0])  # the weights, put once by the driver
+        self._load(state, stages, device, top_k, precision, threads, batch_size, tta)
+
+    @classmethod
+    def from_state(cls, state: dict, stages, device: str, top_k: int, precision: str | None, threads: int,
+                   batch_size: int, tta: str | None = None) -> "Predictor":
+        """The same predictor from the weights themselves (a Serve replica's, which holds them)."""
+        self = cls.__new__(cls)
+        self._load(state, stages, device, top_k, precision, threads, batch_size, tta)
+        return self
+
+    def _load(self, state: dict, stages, device, top_k, precision, threads, batch_size, tta) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        state = ray.get(state[0])  # the weights, put once by the driver
         self.clf, cfg = classifier_from_state(state, device)
         self.precision = inference_precision(cfg, device, precision)
         self.tta = tta_level(cfg, tta)

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 
 from trainers.configtools import ConfigError
 
-__all__ = ["ConfigError", "export", "predict", "results", "train", "tune"]
+__all__ = ["ConfigError", "export", "predict", "results", "serve", "train", "tune"]
 
 Overrides = Mapping[str, Any] | Iterable[str]
 
@@ -153,6 +153,34 @@ def export(checkpoint: str, out: str | Path, format: str = "torchscript", tta: s
         raise ConfigError([f"format: {format!r} is not one of {', '.join(sorted(EXPORT_FORMATS))}"])
     state, _, _ = load_checkpoint(checkpoint)
     return Path(EXPORT_FORMATS[format](state, Path(out), tta))
+
+
+def serve(checkpoint: str | Path, *, trial: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          replicas: int = 1, autoscale: tuple[int, int] | None = None, gpu: bool = False, max_batch: int = 32,
+          address: str | None = None, precision: str | None = None, tta: str | None = None, **options: Any):
+    """`raysweep serve`: deploy ``checkpoint`` (found as ``predict`` finds it; ``trial``: that
+    trial of a tune experiment) as the Ray Serve application ``raysweep`` and return once it
+    answers. ``options``: max_body_bytes, top_k, cpus_per_replica, batch_wait_s
+    (``cluster.serve_http.ServeOptions``). Returns ``Served``: ``url`` (POST images to
+    ``url + "/predict"``), ``handle`` (Serve's ``DeploymentHandle``) and ``model`` (its id
+    and origin). It keeps serving while this process's Ray runs; end it with
+    ``ray.serve.delete("raysweep")`` (or ``ray.serve.shutdown()``)::
+
+        served = raysweep.serve("runs/first", port=8000)
+        requests.post(served.url + "/predict", data=open("digit.png", "rb").read()).json()["pred_class"]
+    """
+    import dataclasses
+
+    from cluster.serve_app import deploy
+    from cluster.serve_http import ServeOptions
+
+    named = {"host", "port", "replicas", "autoscale", "gpu", "max_batch"}
+    known = {f.name for f in dataclasses.fields(ServeOptions)} - named
+    if unknown := sorted(set(options) - known):
+        raise ConfigError([f"serve: unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"])
+    opts = ServeOptions(host=host, port=port, replicas=replicas, autoscale=tuple(autoscale) if autoscale else None,
+                        gpu=gpu, max_batch=max_batch, **options)
+    return deploy(str(checkpoint), trial, opts, address, precision, tta)
 
 
 def results(experiment: str | Path):
