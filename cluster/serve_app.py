@@ -97,20 +97,14 @@ def resolve(checkpoint: str, trial: str | None = None) -> tuple[dict, str, str]:
     (``load_checkpoint``); ``trial``: that trial of the tune experiment ``checkpoint``."""
     if trial is None:
         return load_checkpoint(checkpoint)
-    from cluster.results_cmd import split_experiment
-    from cluster.store import ResultsStore
+    from cluster.tune_results import trial_checkpoint  # the same rule as predict's and export's --trial
+    from trainers.configtools import ConfigError
 
-    table = ResultsStore(*split_experiment(str(checkpoint))).read_table("trials.parquet")
-    if table is None:
-        raise InferenceError(f"--trial {trial}: {checkpoint!r} has no trials.parquet, so it is not a tune experiment; "
-                             "give the experiment directory, or drop --trial")
-    rows = {r["trial_id"]: r for r in table.select(["trial_id", "status", "checkpoint"]).to_pylist()}
-    if trial not in rows:
-        raise InferenceError(f"--trial {trial!r}: no such trial in {checkpoint}; its trials: {', '.join(sorted(rows))}")
-    if not rows[trial]["checkpoint"]:
-        raise InferenceError(f"--trial {trial}: the trial saved no checkpoint (status {rows[trial]['status']!r}); "
-                             "pick another trial (raysweep results EXPERIMENT)")
-    state, where, _ = load_checkpoint(rows[trial]["checkpoint"])
+    try:
+        path = trial_checkpoint(str(checkpoint), trial)
+    except ConfigError as e:
+        raise InferenceError("; ".join(e.problems)) from None
+    state, where, _ = load_checkpoint(path)
     state["meta"] = {**state["meta"], "trial_id": trial}
     return state, where, f"trial {trial} of the tune experiment"
 

@@ -194,9 +194,9 @@ def test_trial_picks_that_trials_checkpoint_or_says_why_not(run, tmp_path):
     state, where, how = resolve(str(tmp_path), "a1")
     assert where == checkpoint and how == "trial a1 of the tune experiment"
     assert model_card(state, where, how, "a1")["trial"] == "a1" and model_card(state, where, how)["run"] == "run"
-    with pytest.raises(InferenceError, match="saved no checkpoint \\(status 'failed'\\)"):
+    with pytest.raises(InferenceError, match="'b2' \\(failed\\) has no checkpoint in .*; trials with a checkpoint: a1"):
         resolve(str(tmp_path), "b2")
-    with pytest.raises(InferenceError, match="no such trial in .*; its trials: a1, b2"):
+    with pytest.raises(InferenceError, match="'zz' is not a trial of .*; trials with a checkpoint: a1"):
         resolve(str(tmp_path), "zz")
 
 
