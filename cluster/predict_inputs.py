@@ -57,6 +57,8 @@ def resolve_checkpoint(spec: str) -> tuple[str, str]:
         with reading(f"{path}/{name}", "--checkpoint"), fs.open_input_stream(f"{path}/{name}") as f:
             record = json.loads(f.read())
         ckpt = record.get("checkpoint")
+        if not ckpt and record.get("no_checkpoint_reason"):  # e.g. a --cv search (cluster.tune_cv)
+            raise InferenceError(f"--checkpoint {spec!r}: {record['no_checkpoint_reason']}")
         if not ckpt:
             raise InferenceError(
                 f"--checkpoint {spec!r}: {name} has no 'checkpoint' (status {record.get('status', '?')!r}); "

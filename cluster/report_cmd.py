@@ -22,7 +22,9 @@ REPORT = "report.html"
 def load_report_data(store: ResultsStore, metric: str | None = None, mode: str | None = None) -> ReportData:
     """The tables and best.json under ``store``; the ranking metric from best.json unless given."""
     best = store.read_json("best.json") or {}
-    return ReportData(store.read_table("trials.parquet"), store.read_table("epochs.parquet"), best,
+    from cluster.tune_cv import mean_rows  # a --cv search's fold rows are no learning curves
+
+    return ReportData(store.read_table("trials.parquet"), mean_rows(store.read_table("epochs.parquet")), best,
                       metric or best.get("metric", "val_accuracy"), mode or best.get("mode", "max"), store.name)
 
 
