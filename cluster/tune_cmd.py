@@ -78,7 +78,7 @@ def _arguments(p):
     p.add_argument("--seed", type=int, default=d.seed, help="the sampler's seed, and with --cv the folds'")
     p.add_argument("--cv", type=int, metavar="K", help="each trial's objective is the mean over K stratified folds of "
                    "the training images, trained epoch by epoch together (K >= 2; one worker per trial; the test "
-                   "split stays untouched; no model is kept: refit the best config with train --cv K --cv-refit)")
+                   "split stays untouched; no model is kept: train best_config.yaml with train --cv K --cv-refit)")
     p.add_argument("--trial-retries", type=non_negative_int, default=d.trial_max_failures,
                    help="restarts of a trial that raised (from its last checkpoint) before it counts as failed")
     add_price(p)
@@ -238,8 +238,9 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
             "params": {k: top[k] for k in trials.column_names if k in _param_columns(req.space)},
             "config": req.space.trial_config(base_config(req), _params_of(req.space, top)).to_dict(),
             "best_epoch": top["best_epoch"], "checkpoint": top["checkpoint"],
-            **{k: top[k] for k in top if k.startswith(("best_val", "final_val"))}, **spent, **_front(req, rows),
-            **(cv_record(req) if req.search.cv else {})}
+            **{k: top[k] for k in top if k.startswith(("best_val", "final_val"))}, **spent, **_front(req, rows)}
+    if req.search.cv:
+        best.update(cv_record(req, store, best["config"]))
     if top["checkpoint"]:
         best.update(evaluate_on_test(Checkpoint(top["checkpoint"]), data, req.search.placement.use_gpu,
                                      confusion=True))

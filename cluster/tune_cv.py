@@ -25,10 +25,7 @@ from trainers.configtools import ConfigError
 FOLD = "fold"
 CV_PLAN = "cv.json"
 DIGEST = "cv_digest"
-# Why a cross-validated search names no checkpoint (best.json; `predict`/`export` show it).
-NO_MODEL = ("a --cv search keeps no model to predict with (each trial's checkpoint is its K fold models, for resuming); "
-            "train the best config on all training images: raysweep train --cv {k} --cv-refit --config <best.json's "
-            "config as YAML>, or raysweep train with it")
+BEST_CONFIG = "best_config.yaml"  # the best trial's whole config, for `raysweep train --config`
 
 
 def cv_epochs_schema() -> pa.Schema:
@@ -100,6 +97,17 @@ def keep_cv_plan(store: ResultsStore, req, data, data_config: dict) -> None:
     store.write_json(CV_PLAN, plan)
 
 
-def cv_record(req) -> dict:
-    """best.json's note on a cross-validated search."""
-    return {"cv_folds": req.search.cv, "checkpoint": None, "no_checkpoint_reason": NO_MODEL.format(k=req.search.cv)}
+def no_model(k: int, uri: str) -> str:
+    """Why a cross-validated search names no checkpoint (best.json; `predict`/`export` show it)."""
+    return (f"a --cv search keeps no model to predict with (a trial's checkpoint is its {k} fold models, for resuming); "
+            f"make the final model on all training images: raysweep train --config {uri}/{BEST_CONFIG} --cv {k} "
+            "--cv-refit (or without --cv)")
+
+
+def cv_record(req, store: ResultsStore, config: dict) -> dict:
+    """best.json's entries for a cross-validated search; writes the best trial's ``config``
+    as ``best_config.yaml``, which `raysweep train --cv K --cv-refit` takes as it is."""
+    import yaml
+
+    store.write_bytes(BEST_CONFIG, yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=False).encode())
+    return {"cv_folds": req.search.cv, "checkpoint": None, "no_checkpoint_reason": no_model(req.search.cv, store.uri)}

@@ -18,7 +18,7 @@ from ray import tune
 from cluster.cost import USAGE_KEYS, Prices, Reserved, total, usage
 from cluster.store import ResultsStore
 from cluster.tables import EPOCHS_SCHEMA, EpochLog
-from cluster.tune_cv import CV_PLAN, FOLD, NO_MODEL, FoldEpochLog, cv_epochs_schema, trial_columns, trials_fields
+from cluster.tune_cv import CV_PLAN, FOLD, FoldEpochLog, no_model, cv_epochs_schema, trial_columns, trials_fields
 from search_spaces.objectives import Goal, objective_column, pareto_mask
 from search_spaces.space import SearchSpace
 from search_spaces.stop_rules import STOPPED
@@ -296,6 +296,8 @@ class SearchResultsCallback(tune.Callback):
         m = self.space.metric
         best = rec.best_epoch(m, self.space.mode)
         score = f"best {m} {rec.epochs[best][m]:.4f} (epoch {best})" if best else "no finite result"
+        if best and self.cv:
+            score += f" ± {rec.epochs[best].get(f'{m}_std') or 0:.4f} over {self.cv} folds"
         params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in rec.params.items())
         reason = f"  [{rec.error}]" if rec.error else ""
         row = self._row(rec) if self.goals else {}
@@ -360,7 +362,7 @@ def trial_checkpoint(experiment: str, trial_id: str) -> str:
     rows = front_first(table.to_pylist())
     row = next((r for r in rows if r["trial_id"] == trial_id), None)
     if row is not None and store.exists(CV_PLAN):
-        raise ConfigError([f"--trial {trial_id}: " + NO_MODEL.format(k=store.read_json(CV_PLAN)["folds"])])
+        raise ConfigError([f"--trial {trial_id}: " + no_model(store.read_json(CV_PLAN)["folds"], store.uri)])
     if row is None or not row.get("checkpoint"):
         known = ", ".join(r["trial_id"] for r in rows if r.get("checkpoint"))
         why = "is not a trial of" if row is None else f"({row['status']}) has no checkpoint in"

@@ -67,7 +67,7 @@ class _Fold:
             self.out.put(("done", None, None))
         except _Stopped:
             pass
-        except BaseException as e:  # noqa: BLE001: handed to the trial's thread, which raises it
+        except BaseException as e:  # noqa: BLE001 (handed to the trial's thread, which raises it)
             self.out.put(("error", e, None))
 
     def restore(self) -> dict | None:

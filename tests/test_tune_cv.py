@@ -1,10 +1,9 @@
-"""`raysweep tune --cv K`: fold means per epoch, their tables, refusals, and one real search."""
+"""`raysweep tune --cv K` without Ray: fold means per epoch, a trial's folds, refusals.
+The one real cross-validated search is in test_tune.py (it shares that module's Ray)."""
 
 import json
 import statistics
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from cluster.cli import main
@@ -96,43 +95,33 @@ def test_a_streamed_set_and_a_resume_with_other_folds_are_refused_before_ray(tin
     assert not ray.is_initialized()
 
 
-@pytest.mark.usefixtures("ray_local")
-def test_a_cross_validated_search_reports_fold_means_and_keeps_the_same_folds(tmp_path, capsys):
-    import optuna
+def test_the_tables_hold_a_mean_row_and_fold_rows_and_a_resumed_callback_reads_the_means(tmp_path):
+    """No Ray: the search's callback fed two cross-validated epochs of one trial, then a new
+    callback over the same storage (as a resumed search makes) rebuilds the trial's row."""
+    from types import SimpleNamespace
 
-    seed = 5
-    assert main(["tune", "--space", "digits_cnn", "--storage", str(tmp_path), "--name", "cv", "--cv", "2",
-                 "--trials", "2", "--max-epochs", "2", "--grace-period", "1", "--reduction-factor", "2",
-                 "--seed", str(seed), *LIMIT]) == 0
-    run = tmp_path / "cv"
-    trials = pq.read_table(run / "trials.parquet").to_pylist()
-    epochs = pq.read_table(run / "epochs.parquet").to_pylist()
-    assert len(trials) == 2 and all(t["status"] in ("completed", "early_stopped") for t in trials)
-    means = [e for e in epochs if e["fold"] is None]
-    assert len(means) == sum(t["epochs_run"] for t in trials) and len(epochs) == 3 * len(means)
-    for m in means:
-        folds = [e for e in epochs if e["trial_id"] == m["trial_id"] and e["epoch"] == m["epoch"] and e["fold"]]
-        assert sorted(f["fold"] for f in folds) == [1, 2]
-        for metric in ("val_accuracy", "val_loss", "val_f1"):
-            assert m[metric] == pytest.approx(statistics.fmean(f[metric] for f in folds))
-            assert m[f"{metric}_std"] == pytest.approx(statistics.stdev(f[metric] for f in folds))
-    for t in trials:
-        mine = [m for m in means if m["trial_id"] == t["trial_id"]]
-        best = max(mine, key=lambda m: (m["val_accuracy"], m["epoch"]))
-        assert t["best_val_accuracy"] == best["val_accuracy"] and t["best_val_accuracy_std"] == best["val_accuracy_std"]
-        assert t["checkpoint"] is None
-    # The same folds in every trial: the digest each trial reported is that of the search's seed.
-    probe = TrainRunConfig.from_dict({"data": {"name": "digits", "limit": 300}})
-    expected = folds_digest(fold_indices(pool(load_data(probe.data)).y.numpy(), 2, seed))
-    assert {t["cv_digest"] for t in trials} == {expected}
-    assert json.loads((run / "cv.json").read_text())["digest"] == expected
-    # What the searcher was told is each trial's best fold mean.
-    study = optuna.load_study(study_name="cv", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(run / "optuna.journal"))))
-    assert sorted(t.value for t in study.trials) == sorted(t["best_val_accuracy"] for t in trials)
-    best = json.loads((run / "best.json").read_text())
-    assert best["cv_folds"] == 2 and best["checkpoint"] is None and "test_accuracy" not in best
-    capsys.readouterr()
-    assert main(["predict", "--checkpoint", str(run), "--data", "digits", "--out", str(tmp_path / "p")]) == 2
-    assert "--cv search keeps no model" in capsys.readouterr().err
-    assert np.isfinite(best["best_val_accuracy"])
+    import pyarrow.parquet as pq
+
+    from cluster.tune_cv import mean_rows
+    from cluster.tune_results import SearchResultsCallback
+    from search_spaces.space import load_space
+
+    space = load_space("digits_cnn")
+    trial = SimpleNamespace(trial_id="t1", config={})
+    callback = SearchResultsCallback(str(tmp_path), "s", space, max_epochs=2, cv=2)
+    for epoch, accs in ((1, (0.5, 0.7)), (2, (0.9, 0.6))):
+        folds = [{**_fold(epoch, a, 1 - a), "fold": i} for i, a in enumerate(accs, 1)]
+        result = {**fold_summary(folds), "folds": folds, "cv_digest": "d1", "stop_reason": ""}
+        callback.on_trial_result(0, [], trial, result)
+    callback.on_trial_complete(0, [], trial)
+    epochs = pq.read_table(tmp_path / "s" / "epochs.parquet")
+    assert epochs.num_rows == 6 and epochs.column("fold").to_pylist() == [None, 1, 2, None, 1, 2]
+    assert mean_rows(epochs).column("val_accuracy").to_pylist() == pytest.approx([0.6, 0.75])
+    row = pq.read_table(tmp_path / "s" / "trials.parquet").to_pylist()[0]
+    assert row["best_epoch"] == 2 and row["best_val_accuracy"] == pytest.approx(0.75)
+    assert row["best_val_accuracy_std"] == pytest.approx(statistics.stdev([0.9, 0.6]))
+    assert row["final_val_loss_std"] == pytest.approx(statistics.stdev([0.1, 0.4])) and row["cv_digest"] == "d1"
+    assert row["best_val_loss"] == pytest.approx(0.25) and row["checkpoint"] is None
+    again = SearchResultsCallback(str(tmp_path), "s", space, max_epochs=2, cv=2)
+    assert again.row_of("t1") is None and again.store  # loads the tables
+    assert again.row_of("t1") == row
