@@ -365,3 +365,7 @@ def test_a_cross_validated_search_reports_fold_means_and_keeps_the_same_folds(tm
     assert "--cv search keeps no model" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(run), "--trial", trials[0]["trial_id"], "--out", str(tmp_path / "m")]) == 2
     assert "--cv search keeps no model" in capsys.readouterr().err
+    bundle = next(run.glob("trial_*/checkpoint_*"))  # a trial's own checkpoint: its folds, to resume it
+    assert sorted(p.name for p in bundle.iterdir()) == ["cv.json", "fold-1", "fold-2"]
+    assert main(["export", "--checkpoint", str(bundle), "--out", str(tmp_path / "m")]) == 2
+    assert "a --cv trial's checkpoint holds its fold models" in capsys.readouterr().err
