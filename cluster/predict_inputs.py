@@ -67,8 +67,9 @@ def resolve_checkpoint(spec: str) -> tuple[str, str]:
             ckpt = str(Path(path) / ckpt)  # relative to the experiment directory
         return as_uri(spec, ckpt), what
     if fs.get_file_info(f"{path}/fold-1/{STATE_FILE}").type == pafs.FileType.File:  # search_spaces.cv_trial
-        raise InferenceError(f"--checkpoint {spec!r}: a --cv trial's checkpoint holds its fold models (to resume it), "
-                             "no single model; train the search's best_config.yaml with raysweep train --cv K --cv-refit")
+        raise InferenceError(f"--checkpoint {spec!r}: a --cv trial's checkpoint holds its fold models (to resume "
+                             "it), no single model; train the search's best_config.yaml with raysweep train --cv K "
+                             "--cv-refit")
     raise InferenceError(
         f"--checkpoint {spec!r}: holds neither {STATE_FILE}, summary.json (a train run) nor best.json "
         "(a tune experiment); give a checkpoint_*/ directory, a run directory or an experiment directory")

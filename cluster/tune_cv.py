@@ -4,9 +4,9 @@ Each trial trains K folds that advance together (``search_spaces.cv_trial``) and
 their mean per epoch. ``epochs.parquet`` then holds, per trial and epoch, the mean row
 (``fold`` null: the numbers Tune, ASHA and the searcher saw, with ``<m>_std`` over the
 folds and ``cv_digest``, the fold assignment's fingerprint) and one row per fold (``fold``
-1..K, those columns null). ``trials.parquet`` keeps its
-columns, each a fold mean, plus ``best_<m>_std``/``final_<m>_std`` (the folds' std at that
-epoch) and ``cv_digest`` (the fold assignment's fingerprint, equal in every trial).
+1..K, those columns null). ``trials.parquet`` keeps its columns, each a fold mean, plus
+``best_<m>_std``/``final_<m>_std`` (the folds' std at that epoch) and ``cv_digest`` (equal
+in every trial).
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ def keep_cv_plan(store: ResultsStore, req, data, data_config: dict) -> None:
 
 def no_model(k: int, uri: str) -> str:
     """Why a cross-validated search names no checkpoint (best.json; `predict`/`export` show it)."""
-    return (f"a --cv search keeps no model to predict with (a trial's checkpoint is its {k} fold models, for resuming); "
-            f"make the final model on all training images: raysweep train --config {uri}/{BEST_CONFIG} --cv {k} "
-            "--cv-refit (or without --cv)")
+    return (f"a --cv search keeps no model to predict with (a trial's checkpoint is its {k} fold models, for "
+            f"resuming); make the final model on all training images: raysweep train --config "
+            f"{uri}/{BEST_CONFIG} --cv {k} --cv-refit (or without --cv)")
 
 
 def cv_record(req, store: ResultsStore, config: dict) -> dict:

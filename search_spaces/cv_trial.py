@@ -118,7 +118,8 @@ def fit_folds(cfg, data: ImageData, ctx: WorkerContext, reporter, k: int, seed: 
                 return metrics
             metrics = _epoch(steps, digest, stopper, es)
             last = metrics["epoch"] == cfg.train.epochs or metrics["stop_reason"] in (STOP_EARLY, STOP_DIVERGED)
-            due = last or metrics["best_epoch"] == metrics["epoch"] or metrics["epoch"] % cfg.train.checkpoint_every == 0
+            epoch = metrics["epoch"]
+            due = last or metrics["best_epoch"] == epoch or epoch % cfg.train.checkpoint_every == 0
             bundle = None
             if due and metrics["stop_reason"] != STOP_DIVERGED:
                 bundle = {"epoch": metrics["epoch"], "early_stopping": stopper.state(), "digest": digest,

@@ -363,7 +363,8 @@ def test_a_cross_validated_search_reports_fold_means_and_keeps_the_same_folds(tm
     capsys.readouterr()
     assert main(["predict", "--checkpoint", str(run), "--data", "digits", "--out", str(tmp_path / "p")]) == 2
     assert "--cv search keeps no model" in capsys.readouterr().err
-    assert main(["export", "--checkpoint", str(run), "--trial", trials[0]["trial_id"], "--out", str(tmp_path / "m")]) == 2
+    tid = trials[0]["trial_id"]
+    assert main(["export", "--checkpoint", str(run), "--trial", tid, "--out", str(tmp_path / "m")]) == 2
     assert "--cv search keeps no model" in capsys.readouterr().err
     bundle = next(run.glob("trial_*/checkpoint_*"))  # a trial's own checkpoint: its folds, to resume it
     assert sorted(p.name for p in bundle.iterdir()) == ["cv.json", "fold-1", "fold-2"]
