@@ -32,10 +32,10 @@ from cluster.store import ResultsStore
 from cluster.tables import CV_HISTORY_SCHEMA, rows_to_table
 from cluster.train_cmd import (COMPLETED, EARLY_STOPPED, EMBEDDED_DASHBOARD, FAILED, TrainRequest, check_placement,
                                evaluate_on_test, status_from)
-from search_spaces.cv import cv_problems, fold_data, pool, refit_data
+from search_spaces.cv import check_cv_data, cv_problems, fold_data, pool, refit_data
 from trainers.configpaths import check_paths
 from trainers.configtools import ConfigError, clean_error
-from trainers.data import DataError, ImageData
+from trainers.data import ImageData
 from trainers.distributed import (Placement, best_checkpoint, checkpoint_uri, ray_train_env, run_training,
                                   times_fitting)
 from trainers.streaming import StreamPlan, load_for_training
@@ -58,11 +58,7 @@ def check_cv_request(req: TrainRequest, folds: int) -> None:
 def cv_data(data: ImageData | StreamPlan, folds: int, seed: int) -> list[ImageData]:
     """Each fold's data; a streamed set is refused: its val split is a fixed band of its
     files (``trainers.streaming.plan_stream``), not images that can be dealt into folds."""
-    if isinstance(data, StreamPlan):
-        raise DataError("--cv: this data set streams through Ray Data, whose train/val split is a fixed band of its "
-                        "files; set data.streaming=false (if it fits in memory) or drop --cv")
-    if problems := cv_problems(folds, pool(data).y.numpy()):
-        raise ConfigError(problems)
+    check_cv_data(data, folds)  # shared with tune --cv
     return fold_data(data, folds, seed)
 
 

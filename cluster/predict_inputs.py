@@ -57,6 +57,8 @@ def resolve_checkpoint(spec: str) -> tuple[str, str]:
         with reading(f"{path}/{name}", "--checkpoint"), fs.open_input_stream(f"{path}/{name}") as f:
             record = json.loads(f.read())
         ckpt = record.get("checkpoint")
+        if not ckpt and record.get("no_checkpoint_reason"):  # e.g. a --cv search (cluster.tune_cv)
+            raise InferenceError(f"--checkpoint {spec!r}: {record['no_checkpoint_reason']}")
         if not ckpt:
             raise InferenceError(
                 f"--checkpoint {spec!r}: {name} has no 'checkpoint' (status {record.get('status', '?')!r}); "
@@ -64,6 +66,10 @@ def resolve_checkpoint(spec: str) -> tuple[str, str]:
         if "://" not in ckpt and not os.path.isabs(ckpt) and "://" not in spec:
             ckpt = str(Path(path) / ckpt)  # relative to the experiment directory
         return as_uri(spec, ckpt), what
+    if fs.get_file_info(f"{path}/fold-1/{STATE_FILE}").type == pafs.FileType.File:  # search_spaces.cv_trial
+        raise InferenceError(f"--checkpoint {spec!r}: a --cv trial's checkpoint holds its fold models (to resume "
+                             "it), no single model; train the search's best_config.yaml with raysweep train --cv K "
+                             "--cv-refit")
     raise InferenceError(
         f"--checkpoint {spec!r}: holds neither {STATE_FILE}, summary.json (a train run) nor best.json "
         "(a tune experiment); give a checkpoint_*/ directory, a run directory or an experiment directory")

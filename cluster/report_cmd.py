@@ -15,6 +15,7 @@ from pathlib import Path
 from cluster.cli import EXIT_BAD_REQUEST, EXIT_OK, command
 from cluster.report_html import REFRESH_S, ReportData, build_report
 from cluster.store import ResultsStore
+from cluster.tune_cv import mean_rows
 
 REPORT = "report.html"
 
@@ -22,7 +23,8 @@ REPORT = "report.html"
 def load_report_data(store: ResultsStore, metric: str | None = None, mode: str | None = None) -> ReportData:
     """The tables and best.json under ``store``; the ranking metric from best.json unless given."""
     best = store.read_json("best.json") or {}
-    return ReportData(store.read_table("trials.parquet"), store.read_table("epochs.parquet"), best,
+    # mean_rows: a --cv search's fold rows are no learning curves of their own.
+    return ReportData(store.read_table("trials.parquet"), mean_rows(store.read_table("epochs.parquet")), best,
                       metric or best.get("metric", "val_accuracy"), mode or best.get("mode", "max"), store.name)
 
 

@@ -19,6 +19,7 @@ from cluster.report_cmd import LiveReport, try_write_report
 from cluster.store import ResultsStore
 from cluster.tracking import SearchTracking, TrackingOptions, open_tracker, search_params, track_search_end
 from cluster.train_cmd import check_placement, evaluate_on_test
+from cluster.tune_cv import check_cv_request, cv_record, keep_cv_plan, mean_rows
 from cluster.tune_results import (BUDGET_STOPPED, COMPLETED, EARLY_STOPPED, PARETO, STOP_FILE, STOPPED,
                                   SearchResultsCallback, front_of)
 from search_spaces.objectives import COST, OBJECTIVES, objective_column
@@ -74,7 +75,10 @@ def _arguments(p):
                    "(cost needs --price)")
     p.add_argument("--grace-period", type=positive_int, default=d.grace_period, help="ASHA: epochs before a trial can stop")
     p.add_argument("--reduction-factor", type=int, default=d.reduction_factor, help="ASHA: keep 1/r at each rung")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="the sampler's seed, and with --cv the folds'")
+    p.add_argument("--cv", type=int, metavar="K", help="each trial's objective is the mean over K stratified folds of "
+                   "the training images, trained epoch by epoch together (K >= 2; one worker per trial; the test "
+                   "split stays untouched; no model is kept: train best_config.yaml with train --cv K --cv-refit)")
     p.add_argument("--trial-retries", type=non_negative_int, default=d.trial_max_failures,
                    help="restarts of a trial that raised (from its last checkpoint) before it counts as failed")
     add_price(p)
@@ -109,7 +113,7 @@ def _tune(args) -> int:
                           placement=placement, trial_max_failures=args.trial_retries,
                           budget_gpu_hours=args.budget_gpu_hours, budget_cpu_hours=args.budget_cpu_hours,
                           budget_cost=args.budget_cost, target=args.target,
-                          time_budget_s=args.time_budget, objectives=args.objectives).validate()
+                          time_budget_s=args.time_budget, objectives=args.objectives, cv=args.cv).validate()
     prices = parse_prices(args.price)
     if args.resume and args.name is None:
         raise ConfigError(["--resume: name the search to continue with --name NAME"])
@@ -147,11 +151,13 @@ def run(req: TuneRequest) -> dict:
         raise ConfigError(problems)
     probe = req.space.trial_config(base, req.space.default_point())  # config errors before Ray starts
     check_paths([probe, *req.space.value_configs(base)])  # every bound and choice, with the user's settings
+    check_cv_request(req)
     store = check_run_target(req.storage, req.name, req.resume, "tune")
     if req.resume:
         check_restorable(store.uri)
     tracker = open_tracker(req.tracking, store.uri, store.local_path(""), req.name)
     data = load_for_training(probe)
+    keep_cv_plan(store, req, data, probe.to_dict()["data"])  # --cv: K against the classes, the same folds on resume
     reserve = DECODE_CPUS if isinstance(data, StreamPlan) else 0.0  # a streamed set's decode tasks
     connect(req.address)
     resources = capacity()
@@ -160,11 +166,13 @@ def run(req: TuneRequest) -> dict:
     local_dir = store.local_path("")
     search = _sampler_chosen(req) if not req.resume else req.search  # a resumed search keeps its own
     print(f"raysweep tune: {req.name}: space {req.space.name}, {req.search.trials} trials x up to "
-          f"{req.search.max_epochs} epochs, {req.search.placement.workers} worker(s) per trial, {concurrent} at once, "
+          f"{req.search.max_epochs} epochs" + (f" x {req.search.cv} folds" if req.search.cv else "")
+          + f", {req.search.placement.workers} worker(s) per trial, {concurrent} at once, "
           f"{search.searcher} + {req.search.scheduler}; results in {store.uri}", flush=True)
     reserved = Reserved.of(req.search.placement, req.search.driver_cpus)
     callback = SearchResultsCallback(store.storage, req.name, req.space, req.search.max_epochs, reserved, req.prices,
-                                     report=LiveReport(req.space.metric, req.space.mode), goals=req.search.goals)
+                                     report=LiveReport(req.space.metric, req.space.mode), goals=req.search.goals,
+                                     cv=req.search.cv)
     callbacks = [callback, SearchTracking(tracker, callback, req.space, base)] if tracker else [callback]
     stoppers = [s for s in (BudgetStopper(budget, callback) if budget.any else None,
                             req.search.stop_rules(callback)) if s is not None]
@@ -231,6 +239,8 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
             "config": req.space.trial_config(base_config(req), _params_of(req.space, top)).to_dict(),
             "best_epoch": top["best_epoch"], "checkpoint": top["checkpoint"],
             **{k: top[k] for k in top if k.startswith(("best_val", "final_val"))}, **spent, **_front(req, rows)}
+    if req.search.cv:
+        best.update(cv_record(req, store, best["config"]))
     if top["checkpoint"]:
         best.update(evaluate_on_test(Checkpoint(top["checkpoint"]), data, req.search.placement.use_gpu,
                                      confusion=True))
@@ -240,6 +250,8 @@ def finish(req: TuneRequest, store: ResultsStore, data) -> dict:
     print(f"best trial {top['trial_id']}: {metric} {top[f'best_{metric}']:.4f} at epoch {top['best_epoch']}; "
           + "  ".join(f"{k.removeprefix('test_')} {best[k]:.4f}" for k in
                       ("test_accuracy", "test_precision", "test_recall", "test_f1") if k in best), flush=True)
+    if req.search.cv:  # no fold model is judged on the test split (as train --cv without --cv-refit)
+        print(f"cv          {req.search.cv}-fold means; test not evaluated: {best['no_checkpoint_reason']}", flush=True)
     if "front" in best:
         print(f"pareto front: {len(best['front'])} of {len(good)} finished trials "
               f"({', '.join(map(str, req.search.goals))}): {' '.join(t['trial_id'] for t in best['front'])}; "
@@ -307,7 +319,7 @@ def _draw(req, store, trials, epochs, good, metric, mode) -> None:
     store.write_bytes("optimisation_history.png", optimisation_history(trials, metric, mode))
     sign = 1 if mode == "max" else -1
     best_id = max(good, key=lambda r: sign * r[f"best_{metric}"])["trial_id"] if good else None
-    store.write_bytes("learning_curves.png", learning_curves(epochs, metric, best_id))
+    store.write_bytes("learning_curves.png", learning_curves(mean_rows(epochs), metric, best_id))
     scores = _importances(req.space, trials, metric, mode)
     if scores:
         store.write_bytes("importance.png", importance(scores))

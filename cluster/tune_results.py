@@ -18,6 +18,7 @@ from ray import tune
 from cluster.cost import USAGE_KEYS, Prices, Reserved, total, usage
 from cluster.store import ResultsStore
 from cluster.tables import EPOCHS_SCHEMA, EpochLog
+from cluster.tune_cv import CV_PLAN, FOLD, FoldEpochLog, no_model, cv_epochs_schema, trial_columns, trials_fields
 from search_spaces.objectives import Goal, objective_column, pareto_mask
 from search_spaces.space import SearchSpace
 from search_spaces.stop_rules import STOPPED
@@ -57,9 +58,10 @@ def _param_type(dim) -> pa.DataType:
     return pa.string()
 
 
-def trials_schema(space: SearchSpace, goals: tuple[Goal, ...] = ()) -> pa.Schema:
+def trials_schema(space: SearchSpace, goals: tuple[Goal, ...] = (), cv: int | None = None) -> pa.Schema:
     """``goals``: a multi-objective search's, each with its ``objective_<name>`` column
-    (the value Optuna was told) and a ``pareto`` column (on the front)."""
+    (the value Optuna was told) and a ``pareto`` column (on the front); ``cv``: a
+    cross-validated search's std columns (``cluster.tune_cv``)."""
     fields = [pa.field("trial_id", pa.string()), pa.field("status", pa.string())]
     fields += [pa.field(param_column(d.key), _param_type(d)) for d in space.dimensions]
     fields += [pa.field("epochs_run", pa.int32()), pa.field("best_epoch", pa.int32())]
@@ -70,7 +72,7 @@ def trials_schema(space: SearchSpace, goals: tuple[Goal, ...] = ()) -> pa.Schema
     fields += [pa.field("checkpoint", pa.string()), pa.field("error", pa.string())]
     if goals:
         fields += [pa.field(objective_column(g.name), pa.float64()) for g in goals] + [pa.field(PARETO, pa.bool_())]
-    return pa.schema(fields)
+    return pa.schema(fields + (trials_fields(SUMMARY_METRICS) if cv else []))
 
 
 def front_of(rows: list[dict], goals: tuple[Goal, ...], param_columns) -> list[dict]:
@@ -149,16 +151,18 @@ class SearchResultsCallback(tune.Callback):
     prices: Prices | None = None
     report = None
     goals: tuple[Goal, ...] = ()
+    cv: int | None = None
 
     def __init__(self, storage: str, name: str, space: SearchSpace, max_epochs: int,
                  reserved: Reserved | None = None, prices: Prices | None = None, report=None,
-                 goals: tuple[Goal, ...] = ()):
+                 goals: tuple[Goal, ...] = (), cv: int | None = None):
         """``reserved``: what each trial holds (``Reserved.of(placement, driver_cpus)``);
         ``prices``: to fill the ``cost`` column; ``report(store)``: redraws the report as each
-        trial ends (``cluster.report_cmd.LiveReport``); ``goals``: a multi-objective search's."""
+        trial ends (``cluster.report_cmd.LiveReport``); ``goals``: a multi-objective search's;
+        ``cv``: a cross-validated search's K (fold rows and std columns, ``cluster.tune_cv``)."""
         self.storage, self.name, self.space, self.max_epochs = storage, name, space, max_epochs
         self.reserved, self.prices, self.report = reserved or Reserved(cpus=0.0), prices, report
-        self.goals = tuple(goals)
+        self.goals, self.cv = tuple(goals), cv
         self._store: ResultsStore | None = None
 
     def __getstate__(self):  # Tune pickles callbacks into its experiment state
@@ -170,8 +174,9 @@ class SearchResultsCallback(tune.Callback):
         if self._store is None:
             self._store = ResultsStore(self.storage, self.name)
             self._records: dict[str, TrialRecord] = {}
-            self._epochs = EpochLog(EPOCHS_SCHEMA, self._store.read_table("epochs.parquet"))
-            self._schema = trials_schema(self.space, self.goals)
+            existing = self._store.read_table("epochs.parquet")
+            self._epochs = FoldEpochLog(cv_epochs_schema(), existing) if self.cv else EpochLog(EPOCHS_SCHEMA, existing)
+            self._schema = trials_schema(self.space, self.goals, self.cv)
             for row in (t.to_pylist() if (t := self._store.read_table("trials.parquet")) else []):
                 self._records[row["trial_id"]] = self._record_from_row(row)
         return self._store
@@ -182,7 +187,7 @@ class SearchResultsCallback(tune.Callback):
         rec.started = time.time() - (row.get("wall_seconds") or 0.0)
         rec.objectives = {g.name: row.get(objective_column(g.name)) for g in self.goals}
         for epoch_row in self._epochs.rows.values():
-            if epoch_row["trial_id"] == rec.trial_id:
+            if epoch_row["trial_id"] == rec.trial_id and epoch_row.get(FOLD) is None:  # not a fold's own row
                 rec.epochs[epoch_row["epoch"]] = epoch_row
         if row.get("checkpoint") and row.get("best_epoch"):
             rec.checkpoints[row["best_epoch"]] = row["checkpoint"]
@@ -225,12 +230,15 @@ class SearchResultsCallback(tune.Callback):
         rec.epochs[epoch] = dict(result)
         if result.get(CHECKPOINT_PATH_KEY):  # a multi-worker trial's Train checkpoint
             rec.checkpoints[epoch] = result[CHECKPOINT_PATH_KEY]
-        self._epochs.add({**result, "trial_id": trial.trial_id})
+        if self.cv:
+            self._epochs.add_result(result, trial.trial_id)
+        else:
+            self._epochs.add({**result, "trial_id": trial.trial_id})
         self.store.write_table("epochs.parquet", self._epochs.table())
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         epoch = (trial.last_result or {}).get("epoch")
-        if epoch is not None:
+        if epoch is not None and not self.cv:  # a --cv trial's checkpoint is its folds, no model (tune_cv.NO_MODEL)
             self._record(trial).checkpoints[int(epoch)] = checkpoint_uri(checkpoint)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -288,6 +296,8 @@ class SearchResultsCallback(tune.Callback):
         m = self.space.metric
         best = rec.best_epoch(m, self.space.mode)
         score = f"best {m} {rec.epochs[best][m]:.4f} (epoch {best})" if best else "no finite result"
+        if best and self.cv:
+            score += f" ± {rec.epochs[best].get(f'{m}_std') or 0:.4f} over {self.cv} folds"
         params = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in rec.params.items())
         reason = f"  [{rec.error}]" if rec.error else ""
         row = self._row(rec) if self.goals else {}
@@ -320,7 +330,7 @@ class SearchResultsCallback(tune.Callback):
         at_best = rec.epochs.get(best, {}) if best is not None else {}
         for g in self.goals:  # the trial's point: its values at its best epoch (what Optuna was told)
             row[objective_column(g.name)] = at_best.get(g.name, rec.objectives.get(g.name))
-        return row
+        return row | (trial_columns(rec, SUMMARY_METRICS) if self.cv else {})
 
 
 def _cast(v):
@@ -351,6 +361,8 @@ def trial_checkpoint(experiment: str, trial_id: str) -> str:
                            "or point --checkpoint at a search"])
     rows = front_first(table.to_pylist())
     row = next((r for r in rows if r["trial_id"] == trial_id), None)
+    if row is not None and store.exists(CV_PLAN):
+        raise ConfigError([f"--trial {trial_id}: " + no_model(store.read_json(CV_PLAN)["folds"], store.uri)])
     if row is None or not row.get("checkpoint"):
         known = ", ".join(r["trial_id"] for r in rows if r.get("checkpoint"))
         why = "is not a trial of" if row is None else f"({row['status']}) has no checkpoint in"

@@ -11,11 +11,21 @@ so a resumed run (or a rerun with the same data seed) gets the same folds.
 
 from __future__ import annotations
 
+import hashlib
+import statistics
+
 import numpy as np
 import torch
 
 from trainers.configtools import ConfigError
-from trainers.data import ImageData, Split, channel_stats
+from trainers.data import DataError, ImageData, Split, channel_stats
+from trainers.streaming import StreamPlan
+
+# A cross-validated epoch (``fold_summary``): the mean over the folds of each of these, and
+# the sample std (n-1, as ``train --cv``'s summary) of the validation ones as ``<m>_std``.
+FOLD_MEAN_METRICS = ("train_loss", "train_penalty", "train_accuracy", "val_loss", "val_accuracy", "val_precision",
+                     "val_recall", "val_f1", "lr", "images_per_second")
+FOLD_STD_METRICS = ("val_loss", "val_accuracy", "val_precision", "val_recall", "val_f1")
 
 
 def cv_problems(k, labels, flag: str = "--cv") -> list[str]:
@@ -49,6 +59,38 @@ def fold_indices(labels, k: int, seed: int) -> list[np.ndarray]:
         fold_of[members] = (start + np.arange(len(members))) % k
         start = (start + len(members)) % k
     return [np.flatnonzero(fold_of == f) for f in range(k)]
+
+
+def check_cv_data(data, k, flag: str = "--cv") -> None:
+    """Refuse folds that cannot be made of ``data``: a streamed set (its val split is a fixed
+    band of its files, ``trainers.streaming.plan_stream``, not images that can be dealt into
+    folds), or ``k`` above the smallest class count of its training images."""
+    if isinstance(data, StreamPlan):
+        raise DataError(f"{flag}: this data set streams through Ray Data, whose train/val split is a fixed band of its "
+                        f"files; set data.streaming=false (if it fits in memory) or drop {flag}")
+    if problems := cv_problems(k, pool(data).y.numpy(), flag):
+        raise ConfigError(problems)
+
+
+def folds_digest(folds: list[np.ndarray]) -> str:
+    """A short fingerprint of a fold assignment (``fold_indices``): equal digests, equal folds."""
+    h = hashlib.sha256()
+    for f in folds:
+        h.update(np.asarray(f, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()[:16]
+
+
+def fold_summary(reports: list[dict]) -> dict:
+    """One cross-validated epoch from its folds' reports (all of the same epoch): the mean of
+    each ``FOLD_MEAN_METRICS``, ``<m>_std`` of each ``FOLD_STD_METRICS``, and ``epoch_seconds``
+    summed (the folds train one after another, so the epoch took them all)."""
+    epochs = {r["epoch"] for r in reports}
+    if len(epochs) != 1:
+        raise ValueError(f"folds out of step: epochs {sorted(epochs)}")
+    out = {"epoch": epochs.pop(), "epoch_seconds": sum(r["epoch_seconds"] for r in reports)}
+    out.update({m: statistics.fmean(r[m] for r in reports) for m in FOLD_MEAN_METRICS})
+    out.update({f"{m}_std": statistics.stdev(r[m] for r in reports) for m in FOLD_STD_METRICS})
+    return out
 
 
 def pool(data: ImageData) -> Split:

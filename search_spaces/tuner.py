@@ -27,6 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces.objectives import (Goal, TrialObjectives, default_scheduler, objective_problems,  # noqa: F401
                                       parse_objectives, trial_objectives)
+from search_spaces.cv_trial import TuneFoldsReporter, cv_search_problems, fit_folds
 from search_spaces.samplers import SAMPLERS, SEARCHERS, build_sampler, choose
 from search_spaces.space import SearchSpace
 from search_spaces.stop_rules import StopRules, parse_target
@@ -67,6 +68,8 @@ class SearchConfig:
     time_budget_s: float | None = None
     # Several objectives (search_spaces.objectives): "val_accuracy:max,latency_ms:min" or a list of such items.
     objectives: str | tuple | list | None = None
+    # K-fold cross-validation in each trial (search_spaces.cv_trial): folds seeded by ``seed``.
+    cv: int | None = None
 
     def problems(self) -> list[str]:
         out = []
@@ -98,7 +101,7 @@ class SearchConfig:
                 out.append(f"{flag}: {value!r} must be a finite number > 0 (or left out: no budget)")
         out += self._stop_rule_problems()
         out += objective_problems(self)
-        return out
+        return out + cv_search_problems(self)
 
     @property
     def goals(self) -> tuple[Goal, ...]:
@@ -164,10 +167,12 @@ class TuneReporter:
 
 
 def run_trial(params: dict, *, space: SearchSpace, base: dict, data: ImageData | StreamPlan, placement: Placement,
-              train_storage: str, goals: tuple[Goal, ...] = (), cost_per_s: float | None = None) -> None:
+              train_storage: str, goals: tuple[Goal, ...] = (), cost_per_s: float | None = None,
+              cv: int | None = None, cv_seed: int = 0) -> None:
     """One Tune trial: the sampled ``params`` applied to ``base`` make one train run.
     ``data``: an in-memory set, or the plan of a streamed one (``trainers.streaming``);
-    ``goals``: a multi-objective search's objectives, whose values each report carries."""
+    ``goals``: a multi-objective search's objectives, whose values each report carries;
+    ``cv``: K folds of ``data`` (seeded by ``cv_seed``) advancing together (``cv_trial``)."""
     started = time.time()
     cfg = space.trial_config(base, params)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch
@@ -175,6 +180,9 @@ def run_trial(params: dict, *, space: SearchSpace, base: dict, data: ImageData |
         use_gpu = placement.use_gpu and torch.cuda.is_available()
         ctx = WorkerContext(device=torch.device("cuda" if use_gpu else "cpu"))
         extra = trial_objectives(goals, cfg, data, ctx.device, cost_per_s, started) if goals else None
+        if cv:
+            fit_folds(cfg, data, ctx, TuneFoldsReporter(), cv, cv_seed)
+            return
         inputs = None
         if isinstance(data, StreamPlan):  # this trial reads the datasets itself, batch by batch
             inputs = StreamedInputs(data, build_dataset(data, "train"), build_dataset(data, "val"), ctx, cfg)
@@ -309,7 +317,8 @@ def trainable(space: SearchSpace, base: dict, data: ImageData, search: SearchCon
               cost_per_s: float | None = None):
     p = search.placement
     fn = tune.with_parameters(run_trial, space=space, base=base, data=data, placement=p,
-                              train_storage=experiment_uri, goals=search.goals, cost_per_s=cost_per_s)
+                              train_storage=experiment_uri, goals=search.goals, cost_per_s=cost_per_s,
+                              cv=search.cv, cv_seed=search.seed)
     if p.workers == 1:
         resources = {"cpu": p.cpus_per_worker, "gpu": p.gpus_per_worker if p.use_gpu else 0}
     else:

@@ -318,3 +318,55 @@ def test_a_multi_objective_search_records_its_pareto_front(tmp_path, capsys):
     assert best["front"][-1]["checkpoint"] in capsys.readouterr().out
     assert main(["export", "--checkpoint", str(run), "--trial", "nope", "--out", str(tmp_path / "n.pt")]) == 2
     assert "--trial: 'nope' is not a trial of" in capsys.readouterr().err
+
+
+def test_a_cross_validated_search_reports_fold_means_and_keeps_the_same_folds(tmp_path, capsys):
+    import statistics
+
+    from search_spaces.cv import fold_indices, folds_digest, pool
+
+    seed = 5
+    assert main(["tune", "--space", "digits_cnn", "--storage", str(tmp_path), "--name", "cv", "--cv", "2",
+                 "--trials", "2", "--max-epochs", "2", "--grace-period", "1", "--reduction-factor", "2",
+                 "--seed", str(seed), "--set", "data.limit=300"]) == 0
+    run = tmp_path / "cv"
+    trials = pq.read_table(run / "trials.parquet").to_pylist()
+    epochs = pq.read_table(run / "epochs.parquet").to_pylist()
+    assert len(trials) == 2 and all(t["status"] in ("completed", "early_stopped") for t in trials)
+    means = [e for e in epochs if e["fold"] is None]
+    assert len(means) == sum(t["epochs_run"] for t in trials) and len(epochs) == 3 * len(means)
+    for m in means:
+        folds = [e for e in epochs if e["trial_id"] == m["trial_id"] and e["epoch"] == m["epoch"] and e["fold"]]
+        assert sorted(f["fold"] for f in folds) == [1, 2]
+        for metric in ("val_accuracy", "val_loss", "val_f1"):
+            assert m[metric] == pytest.approx(statistics.fmean(f[metric] for f in folds))
+            assert m[f"{metric}_std"] == pytest.approx(statistics.stdev(f[metric] for f in folds))
+    for t in trials:
+        mine = [m for m in means if m["trial_id"] == t["trial_id"]]
+        best = max(mine, key=lambda m: (m["val_accuracy"], m["epoch"]))
+        assert t["best_val_accuracy"] == best["val_accuracy"] and t["best_val_accuracy_std"] == best["val_accuracy_std"]
+        assert t["checkpoint"] is None
+    # The same folds in every trial: the digest each trial reported is that of the search's seed.
+    probe = TrainRunConfig.from_dict({"data": {"name": "digits", "limit": 300}})
+    expected = folds_digest(fold_indices(pool(load_data(probe.data)).y.numpy(), 2, seed))
+    assert {t["cv_digest"] for t in trials} == {expected}
+    assert json.loads((run / "cv.json").read_text())["digest"] == expected
+    # What the searcher was told is each trial's best fold mean.
+    study = optuna.load_study(study_name="cv", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(run / "optuna.journal"))))
+    assert sorted(t.value for t in study.trials) == sorted(t["best_val_accuracy"] for t in trials)
+    best = json.loads((run / "best.json").read_text())
+    assert best["cv_folds"] == 2 and best["checkpoint"] is None and "test_accuracy" not in best
+    from trainers.config import load_run_values  # the final model's config, as `train --cv 2 --cv-refit` reads it
+
+    assert TrainRunConfig.from_dict(load_run_values(str(run / "best_config.yaml"))).to_dict() == best["config"]
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run), "--data", "digits", "--out", str(tmp_path / "p")]) == 2
+    assert "--cv search keeps no model" in capsys.readouterr().err
+    tid = trials[0]["trial_id"]
+    assert main(["export", "--checkpoint", str(run), "--trial", tid, "--out", str(tmp_path / "m")]) == 2
+    assert "--cv search keeps no model" in capsys.readouterr().err
+    bundle = next(run.glob("trial_*/checkpoint_*"))  # a trial's own checkpoint: its folds, to resume it
+    assert sorted(p.name for p in bundle.iterdir()) == ["cv.json", "fold-1", "fold-2"]
+    assert main(["export", "--checkpoint", str(bundle), "--out", str(tmp_path / "m")]) == 2
+    assert "a --cv trial's checkpoint holds its fold models" in capsys.readouterr().err
