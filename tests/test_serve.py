@@ -79,8 +79,13 @@ def test_routes_top_k_and_options():
 
 
 def test_an_internal_error_gets_an_id_that_the_log_has(caplog):
-    with caplog.at_level(logging.ERROR, logger="ray.serve"):
-        status, body = internal_error(RuntimeError("boom"), "POST /predict")
+    serve_log = logging.getLogger("ray.serve")  # once Serve has run, it stops propagating to the root
+    serve_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.ERROR, logger="ray.serve"):
+            status, body = internal_error(RuntimeError("boom"), "POST /predict")
+    finally:
+        serve_log.removeHandler(caplog.handler)
     assert status == 500 and len(body["error_id"]) == 12 and body["error_id"] in body["error"]
     assert "boom" not in body["error"]  # the details stay in the log
     assert any(body["error_id"] in r.getMessage() and "boom" in r.getMessage() for r in caplog.records)
