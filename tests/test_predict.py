@@ -150,7 +150,6 @@ def test_tune_experiment_uses_its_best_trial_on_the_digits_test_split(run, tuned
 def test_summary_test_accuracy_is_the_checkpoints_flip_tta_accuracy(run):
     from trainers.checkpoints import load_state, model_from_state
     from trainers.inference import inference_precision
-from trainers.streaming import build_dataset, plan_stream
     from trainers.loop import autocast_for
     from trainers.tta import TTA
 
