@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import queue
-import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -159,26 +158,3 @@ def save_bundle(bundle: dict, directory: str | Path) -> None:
 def load_bundle(directory: str | Path) -> dict:
     meta = json.loads((Path(directory) / BUNDLE_FILE).read_text())
     return {**meta, "folds": [load_state(Path(directory) / f"fold-{i}") for i in range(1, meta["folds"] + 1)]}
-
-
-class TuneFoldsReporter:
-    """A cross-validated trial's reports to Tune, with its bundle as the checkpoint."""
-
-    def restore(self) -> dict | None:
-        from ray import tune
-
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as directory:
-            return load_bundle(directory)
-
-    def report(self, metrics: dict, bundle: dict | None) -> None:
-        from ray import tune
-
-        if bundle is None:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as directory:
-            save_bundle(bundle, directory)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))

@@ -27,7 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces.objectives import (Goal, TrialObjectives, default_scheduler, objective_problems,  # noqa: F401
                                       parse_objectives, trial_objectives)
-from search_spaces.cv_trial import TuneFoldsReporter, cv_search_problems, fit_folds
+from search_spaces.cv_trial import cv_search_problems, fit_folds, load_bundle, save_bundle
 from search_spaces.samplers import SAMPLERS, SEARCHERS, build_sampler, choose
 from search_spaces.space import SearchSpace
 from search_spaces.stop_rules import StopRules, parse_target
@@ -145,6 +145,8 @@ class TuneReporter:
     """Reports of a one-worker trial go straight to Tune, with checkpoints (and the trial's
     objective values, ``extra``, in each)."""
 
+    save, load = staticmethod(save_state), staticmethod(load_state)  # the checkpoint's form
+
     def __init__(self, extra: TrialObjectives | None = None):
         self.extra = extra
 
@@ -153,7 +155,7 @@ class TuneReporter:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as directory:
-            return load_state(directory)
+            return self.load(directory)
 
     def report(self, metrics: dict, state: dict | None) -> None:
         if self.extra is not None:
@@ -162,8 +164,14 @@ class TuneReporter:
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
-            save_state(state, directory)
+            self.save(state, directory)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+class TuneFoldsReporter(TuneReporter):
+    """A cross-validated trial's reports: its bundle of fold states is the checkpoint."""
+
+    save, load = staticmethod(save_bundle), staticmethod(load_bundle)
 
 
 def run_trial(params: dict, *, space: SearchSpace, base: dict, data: ImageData | StreamPlan, placement: Placement,
