@@ -127,6 +127,12 @@ def test_smoke_on_ray(name, bench_ray, tmp_path):
     if name in ("overhead", "cifar10"):  # timed inside the Ray worker, not from history
         runs = rec["details"]["runs"]["raysweep"] if name == "overhead" else [rec["details"]["sides"]["raysweep"]]
         assert all(r["startup_seconds"] is not None for r in runs)
+    if name == "overhead":  # the headline is Ray's public path; the private parts' side runs beside it where on
+        from trainers import ray_private
+
+        assert rec["value"] == rec["details"]["ratio"] and "public" in rec["unit"]
+        assert ("private" in rec["details"]["runs"]) == ray_private.enabled()
+        assert (rec["details"]["private_ratio"] or 0) > 0 or not ray_private.enabled()
     if name == "cifar10":  # raysweep's own summary.json figure, with TTA; validation carved from training
         ours, d = rec["details"]["sides"]["raysweep"], rec["details"]
         assert rec["value"] == ours["test_accuracy"] and ours["tta"] == "flip_translate"
