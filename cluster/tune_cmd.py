@@ -26,8 +26,8 @@ from search_spaces.objectives import COST, OBJECTIVES, objective_column
 from search_spaces.samplers import choose
 from search_spaces.space import SearchSpace, load_space
 from search_spaces.stop_rules import parse_duration_s
-from search_spaces.tuner import (SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, check_restorable, concurrency,
-                                 default_scheduler)
+from search_spaces.tuner import (FIRST_POINTS, SEARCHERS, SCHEDULERS, SearchConfig, build_tuner, check_restorable,
+                                 concurrency, default_scheduler)
 from trainers.config import load_run_values
 from trainers.configpaths import check_paths
 from trainers.configtools import ConfigError, merge
@@ -68,6 +68,8 @@ def _arguments(p):
     p.add_argument("--searcher", choices=SEARCHERS, default=d.searcher,
                    help="Optuna sampler: tpe, gp, qmc (Sobol), random, nsga2, or auto (default: gp for 10-100 trials "
                    "over continuous/int dimensions, else tpe); optuna is a deprecated name of tpe")
+    p.add_argument("--first-point", choices=FIRST_POINTS, default=d.first_point, help="the space's default: values as "
+                   "the first trial: auto (tpe and gp start there), default (every searcher), none")
     p.add_argument("--scheduler", choices=SCHEDULERS, help="asha (the default) or none (the default with --objectives, "
                    "which refuses asha)")
     p.add_argument("--objectives", metavar="NAME:max|min,...", help="2 or 3 objectives for a Pareto front, the first a "
@@ -113,7 +115,8 @@ def _tune(args) -> int:
                           placement=placement, trial_max_failures=args.trial_retries,
                           budget_gpu_hours=args.budget_gpu_hours, budget_cpu_hours=args.budget_cpu_hours,
                           budget_cost=args.budget_cost, target=args.target,
-                          time_budget_s=args.time_budget, objectives=args.objectives, cv=args.cv).validate()
+                          time_budget_s=args.time_budget, objectives=args.objectives, cv=args.cv,
+                          first_point=args.first_point).validate()
     prices = parse_prices(args.price)
     if args.resume and args.name is None:
         raise ConfigError(["--resume: name the search to continue with --name NAME"])

@@ -98,7 +98,8 @@ def tune(space: str | Path, config: str | Path | Mapping | None = None, *, overr
     grace_period, reduction_factor, concurrent, seed, trial_max_failures, budget_gpu_hours,
     budget_cpu_hours, budget_cost (needs ``prices``), target (``"val_accuracy=0.95"``),
     time_budget_s, objectives (``"val_accuracy:max,params:min"``: a Pareto front, scheduler
-    then none), cv (K: each trial's objective its K-fold mean, docs/tune.md); searcher is one of
+    then none), cv (K: each trial's objective its K-fold mean, docs/tune.md), first_point
+    (auto, default, none: which searchers start at the space's defaults); searcher is one of
     auto (the default), tpe, gp, qmc, random, nsga2. Returns
     ``best.json`` (``status``, the best trial's values, metrics and checkpoint, the search's
     ``cpu_seconds``, ``gpu_seconds``, ``cost`` and ``stop_reason``, why it ended; with objectives

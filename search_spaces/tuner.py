@@ -70,6 +70,9 @@ class SearchConfig:
     objectives: str | tuple | list | None = None
     # K-fold cross-validation in each trial (search_spaces.cv_trial): folds seeded by ``seed``.
     cv: int | None = None
+    # The space's default point as the first trial: "auto" (the samplers that learn from it,
+    # tpe and gp), "default" (every searcher: comparisons start equal) or "none".
+    first_point: str = "auto"
 
     def problems(self) -> list[str]:
         out = []
@@ -87,6 +90,8 @@ class SearchConfig:
             out.append(f"--reduction-factor: {self.reduction_factor} must be >= 2")
         if self.trial_max_failures < 0:
             out.append(f"--trial-retries: {self.trial_max_failures} must be >= 0")
+        if self.first_point not in FIRST_POINTS:
+            out.append(f"--first-point: {self.first_point!r} is not one of {', '.join(FIRST_POINTS)}")
         if self.concurrent is not None and self.concurrent < 1:
             out.append(f"--concurrent: {self.concurrent} must be >= 1")
         if self.placement.workers < 1:
@@ -292,6 +297,13 @@ def optuna_storage(experiment_dir: str | None):
     return JournalStorage(JournalFileBackend(str(Path(experiment_dir) / "optuna.journal")))
 
 
+FIRST_POINTS = ("auto", "default", "none")
+
+
+def starts_at_default(first_point: str, sampler: str) -> bool:
+    return first_point == "default" or (first_point == "auto" and SAMPLERS[sampler].first_point)
+
+
 def build_searcher(space: SearchSpace, search: SearchConfig, study_name: str, experiment_dir: str | None):
     """``search.searcher``'s sampler (``auto`` and aliases resolved; the caller prints why)."""
     choice = choose(search.searcher, space, search.trials, max(1, len(search.goals)))
@@ -299,7 +311,7 @@ def build_searcher(space: SearchSpace, search: SearchConfig, study_name: str, ex
     metric, mode = ([g.name for g in goals], [g.mode for g in goals]) if goals else (space.metric, space.mode)
     return GuardedOptunaSearch(
         space=space.define_by_run(), metric=metric, mode=mode, sampler=build_sampler(choice, search.seed),
-        points_to_evaluate=[space.default_point()] if SAMPLERS[choice.name].first_point else None,
+        points_to_evaluate=[space.default_point()] if starts_at_default(search.first_point, choice.name) else None,
         study_name=study_name, storage=optuna_storage(experiment_dir),
     )
 

@@ -73,6 +73,12 @@ def test_model_based_samplers_start_at_the_space_defaults(tmp_path):
         searcher = build_searcher(space, SearchConfig(searcher=name, trials=4), f"s-{name}", None)
         assert bool(searcher._points_to_evaluate) is first, name
         pickle.dumps(searcher)  # Tune saves the searcher with the experiment
+    for first_point, first in (("default", True), ("none", False)):  # a comparison starts every searcher alike
+        for name in ("tpe", "random"):
+            searcher = build_searcher(space, SearchConfig(searcher=name, first_point=first_point), f"f-{name}", None)
+            assert bool(searcher._points_to_evaluate) is first, (name, first_point)
+    assert SearchConfig(first_point="sometimes").problems() == [
+        "--first-point: 'sometimes' is not one of auto, default, none"]
 
 
 def test_parse_target_takes_the_metrics_direction_and_refuses_bad_ones():
