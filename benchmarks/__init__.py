@@ -13,7 +13,7 @@ from pathlib import Path
 from benchmarks.common import MODES, RESULTS_DIR, emit, machine
 
 # In the order `all` runs them: cheap and self-contained first.
-BENCHMARKS = ("augment", "precision", "overhead", "cifar10", "trial_overhead", "search", "data_scale", "gpu",
+BENCHMARKS = ("augment", "precision", "overhead", "cifar10", "trial_overhead", "search", "cv", "data_scale", "gpu",
               "serve")
 
 _DEFAULT = object()

@@ -37,7 +37,7 @@ NO_SMOKE_TEST = {"serve"}
 
 
 def test_every_benchmark_has_a_smoke_test():
-    tested = {"augment", "precision", "gpu", "overhead", "cifar10", "trial_overhead", "search", "data_scale"}
+    tested = {"augment", "precision", "gpu", "overhead", "cifar10", "trial_overhead", "search", "cv", "data_scale"}
     assert set(BENCHMARKS) == tested | NO_SMOKE_TEST
 
 
@@ -120,7 +120,7 @@ def bench_ray():
         yield
 
 
-@pytest.mark.parametrize("name", ["overhead", "cifar10", "search"])
+@pytest.mark.parametrize("name", ["overhead", "cifar10", "search", "cv"])
 def test_smoke_on_ray(name, bench_ray, tmp_path):
     rec = run_benchmark(name, "smoke", out_dir=tmp_path)
     check(rec, name)
@@ -133,6 +133,11 @@ def test_smoke_on_ray(name, bench_ray, tmp_path):
         assert rec["value"] == rec["details"]["ratio"] and "public" in rec["unit"]
         assert ("private" in rec["details"]["runs"]) == ray_private.enabled()
         assert (rec["details"]["private_ratio"] or 0) > 0 or not ray_private.enabled()
+    if name == "cv":  # K-fold std and gap from raysweep's own summary, beside single splits of a fold's share
+        d = rec["details"]
+        assert rec["value"] == d["cv"]["std"]["best_val_accuracy"] >= 0 and d["folds"] == 2
+        assert len(d["single"]) == 2 and {s["seed"] for s in d["single"]} == {0, 1}
+        assert all(0 <= s["val_accuracy"] <= 1 and 0 <= s["test_accuracy"] <= 1 for s in d["single"])
     if name == "cifar10":  # raysweep's own summary.json figure, with TTA; validation carved from training
         ours, d = rec["details"]["sides"]["raysweep"], rec["details"]
         assert rec["value"] == ours["test_accuracy"] and ours["tta"] == "flip_translate"
