@@ -133,6 +133,11 @@ def test_smoke_on_ray(name, bench_ray, tmp_path):
         assert rec["value"] == rec["details"]["ratio"] and "public" in rec["unit"]
         assert ("private" in rec["details"]["runs"]) == ray_private.enabled()
         assert (rec["details"]["private_ratio"] or 0) > 0 or not ray_private.enabled()
+    if name == "search":  # every strategy starts alike; the headline is the best non-random strategy's
+        d = rec["details"]
+        assert d["first_point"] == "none" and d["best_strategy"] == "gp+asha"
+        assert rec["value"] == d["worst_problem_fraction"]["gp+asha"] and set(d["fractions"]["digits"]) == {
+            "random", "gp+asha"}
     if name == "cv":  # K-fold std and gap from raysweep's own summary, beside single splits of a fold's share
         d = rec["details"]
         assert rec["value"] == d["cv"]["std"]["best_val_accuracy"] >= 0 and d["folds"] == 2
