@@ -326,9 +326,10 @@ def test_a_cross_validated_search_reports_fold_means_and_keeps_the_same_folds(tm
     from search_spaces.cv import fold_indices, folds_digest, pool
 
     seed = 5
-    assert main(["tune", "--space", "digits_cnn", "--storage", str(tmp_path), "--name", "cv", "--cv", "2",
-                 "--trials", "2", "--max-epochs", "2", "--grace-period", "1", "--reduction-factor", "2",
-                 "--seed", str(seed), "--set", "data.limit=300"]) == 0
+    args = ["tune", "--space", "digits_cnn", "--storage", str(tmp_path), "--name", "cv", "--cv", "2", "--trials", "2",
+            "--max-epochs", "2", "--grace-period", "1", "--reduction-factor", "2", "--seed", str(seed),
+            "--set", "data.limit=300"]
+    assert main(args) == 0
     run = tmp_path / "cv"
     trials = pq.read_table(run / "trials.parquet").to_pylist()
     epochs = pq.read_table(run / "epochs.parquet").to_pylist()
@@ -360,6 +361,12 @@ def test_a_cross_validated_search_reports_fold_means_and_keeps_the_same_folds(tm
     from trainers.config import load_run_values  # the final model's config, as `train --cv 2 --cv-refit` reads it
 
     assert TrainRunConfig.from_dict(load_run_values(str(run / "best_config.yaml"))).to_dict() == best["config"]
+    # --resume restores the search (Tune's state, the CV trainable) with the same folds and repeats nothing.
+    assert main(args + ["--resume"]) == 0
+    again = pq.read_table(run / "trials.parquet").to_pylist()
+    assert [(t["trial_id"], t["best_val_accuracy"], t["cv_digest"]) for t in again] == [
+        (t["trial_id"], t["best_val_accuracy"], t["cv_digest"]) for t in trials]
+    assert pq.read_table(run / "epochs.parquet").num_rows == len(epochs)
     capsys.readouterr()
     assert main(["predict", "--checkpoint", str(run), "--data", "digits", "--out", str(tmp_path / "p")]) == 2
     assert "--cv search keeps no model" in capsys.readouterr().err
