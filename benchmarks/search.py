@@ -15,16 +15,25 @@ of ``max_epochs`` epochs (the budget B = trials x max_epochs); with ASHA (grace 
 reduction factor 3) they run more trials, as many as it takes to spend B, and their curve is
 cut at B. Per problem and strategy the table gives the median fraction, best at B/3 and at
 B (medians over seeds), and the spread over seeds (min-max).
+
+A full run takes many hours on 2 cores. With ``$RAYSWEEP_BENCH_SEARCH_CACHE`` naming a
+directory, each finished search is kept there under a key that holds the commit, and a
+rerun of the same committed, clean tree reuses it: the run can stop and continue. The
+record counts the searches kept from earlier sittings. The figures count epochs, not
+seconds, so a busy machine slows the run but does not move them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import Result, local_ray, median, set_threads, spread
+from benchmarks.common import Result, local_ray, median, set_threads, spread, versions
 
 TARGET = 1 / 3
 STRATEGIES = {  # name -> (searcher, scheduler)
@@ -34,6 +43,7 @@ STRATEGIES = {  # name -> (searcher, scheduler)
     "tpe+asha": ("tpe", "asha"),
     "gp+asha": ("gp", "asha"),
 }
+CACHE_ENV = "RAYSWEEP_BENCH_SEARCH_CACHE"
 FIRST_POINT = "none"  # the same start for every strategy: none gets the space's default point
 
 ASHA_TRIALS = 4  # x the others' trials: enough to spend the same budget (ASHA stops most early)
@@ -89,6 +99,32 @@ def one_search(problem: dict, strategy: str, seed: int, cpus: int, storage: str,
     return [{"trial": r["trial_id"], "epoch": r["epoch"], "value": r[space.metric]} for r in rows]
 
 
+def _cache_file(problem: dict, strategy: str, seed: int) -> Path | None:
+    """Where a finished search is kept when ``$RAYSWEEP_BENCH_SEARCH_CACHE`` names a directory,
+    so that a full run too long for one sitting continues where it stopped. The key holds
+    the commit: only searches of this same committed, clean tree are reused."""
+    directory, commit = os.environ.get(CACHE_ENV), versions().get("raysweep_commit") or ""
+    if not directory or not commit or commit.endswith("+dirty"):
+        return None
+    key = json.dumps({"problem": problem, "strategy": STRATEGIES[strategy], "seed": seed, "commit": commit,
+                      "first_point": FIRST_POINT, "asha_trials": ASHA_TRIALS}, sort_keys=True)
+    return Path(directory) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def _search_or_cached(problem: dict, strategy: str, seed: int, cpus: int, storage: str, name: str,
+                      reused: list) -> list[dict]:
+    path = _cache_file(problem, strategy, seed)
+    if path is not None and path.exists():
+        reused.append(path.name)
+        return json.loads(path.read_text())
+    epochs = one_search(problem, strategy, seed, cpus, storage, name)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text(json.dumps(epochs))
+        path.with_suffix(".tmp").replace(path)
+    return epochs
+
+
 def best_so_far(epochs: list[dict], budget: int) -> list[float]:
     out, best = [], -math.inf
     for row in epochs[:budget]:
@@ -107,7 +143,7 @@ def _med_fraction(xs) -> float:
     return median([math.inf if x is None else x for x in xs])
 
 
-def _search_all(size: dict, strategies: tuple[str, ...], storage: str) -> tuple[dict, dict]:
+def _search_all(size: dict, strategies: tuple[str, ...], storage: str, reused: list) -> tuple[dict, dict]:
     """Every problem x seed x strategy; the strategies' order rotates with the seed."""
     import ray
 
@@ -122,8 +158,8 @@ def _search_all(size: dict, strategies: tuple[str, ...], storage: str) -> tuple[
         for seed in range(size["seeds"]):
             shift = seed % len(strategies)
             order = strategies[shift:] + strategies[:shift]
-            got = {s: best_so_far(one_search(problem, s, seed, cpus, storage, _run_name(pname, s, counter)), budget)
-                   for s in order}
+            got = {s: best_so_far(_search_or_cached(problem, s, seed, cpus, storage, _run_name(pname, s, counter),
+                                                    reused), budget) for s in order}
             target = got["random"][-1]
             for s, curve in got.items():
                 curves[pname][s].append(curve)
@@ -137,9 +173,10 @@ def run(mode: str = "full") -> Result:
     strategies = tuple(size.get("strategies", STRATEGIES))
     threads = set_threads()
     storage = tempfile.mkdtemp(prefix="raysweep-bench-search-")
+    reused: list[str] = []
     try:
         with local_ray(threads):
-            curves, fractions = _search_all(size, strategies, storage)
+            curves, fractions = _search_all(size, strategies, storage, reused)
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     rows = []
@@ -169,8 +206,11 @@ def run(mode: str = "full") -> Result:
                f"first point: {FIRST_POINT} for every strategy (tune --first-point {FIRST_POINT}): no search starts "
                "at the space's default point",
                "one trial at a time, 1 worker with all CPUs; '-' = never reached random search's final best; "
-               "medians and spreads over seeds" + ("; quick: digits only" if mode == "quick" else "")],
+               "medians and spreads over seeds" + ("; quick: digits only" if mode == "quick" else ""),
+               f"{len(reused)} of the searches were kept from an earlier sitting of this same commit "
+               f"(${CACHE_ENV})" if reused else "every search ran in this sitting"],
         details={"curves": curves, "fractions": fractions, "threads": threads, "first_point": FIRST_POINT,
+                 "searches_kept_from_earlier_sittings": len(reused),
                  "worst_problem_fraction": worst, "best_strategy": best,
                  "problems": size["problems"], "seeds": size["seeds"]},
     )

@@ -160,3 +160,20 @@ def test_cpu_between_splits_a_process_tree_from_the_rest():
     assert out["ray"] == 0.75  # raylet 0.5 + the new actor 0.25; the training worker and the root left out
     assert out["others"] == 1.5  # init 0.5 + other 1.0
     assert out["top"] == [["raylet", 11, 0.5], ["ray::Actor", 13, 0.25]]
+
+
+def test_a_search_kept_in_the_cache_is_reused_only_by_the_same_clean_commit(tmp_path, monkeypatch):
+    from benchmarks import search
+
+    ran = []
+    monkeypatch.setenv(search.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(search, "one_search", lambda *a: ran.append(a) or [{"trial": "t", "epoch": 1, "value": 0.5}])
+    problem = search.SIZES["smoke"]["problems"]["digits"]
+    for commit, runs in (("abc1234", 1), ("abc1234", 1), ("def5678", 2), ("def5678+dirty", 3), ("def5678+dirty", 4)):
+        monkeypatch.setattr(search, "versions", lambda commit=commit: {"raysweep_commit": commit})
+        reused = []
+        out = search._search_or_cached(problem, "gp+asha", 0, 2, str(tmp_path), "n", reused)
+        assert out == [{"trial": "t", "epoch": 1, "value": 0.5}] and len(ran) == runs, commit
+    assert search._cache_file(problem, "random", 0) is None  # a dirty tree keeps nothing
+    monkeypatch.setattr(search, "versions", lambda: {"raysweep_commit": "abc1234"})
+    assert search._cache_file(problem, "random", 0) != search._cache_file(problem, "random", 1)
