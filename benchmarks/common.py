@@ -75,6 +75,20 @@ def alternate(sides: dict[str, Callable[[], float | None]], reps: int, warmup: i
     return samples
 
 
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    """``name`` set to ``value`` for a block (an A/B side), then put back as it was."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def set_threads(n: int | None = None) -> int:
     """The same intra-op thread count for every side (Ray sets a worker's to its CPUs)."""
     import torch

@@ -36,7 +36,10 @@ def _best_val_accuracy(storage: str, name: str, best_epoch: int) -> float:
     import pyarrow.parquet as pq
 
     rows = pq.read_table(Path(storage) / name / "history.parquet", columns=["epoch", "val_accuracy"]).to_pylist()
-    return next(r["val_accuracy"] for r in rows if r["epoch"] == best_epoch)
+    found = [r["val_accuracy"] for r in rows if r["epoch"] == best_epoch]
+    if not found:
+        raise RuntimeError(f"{name}: history.parquet has no epoch {best_epoch}, the summary's best_epoch")
+    return found[0]
 
 
 def _std(xs: list[float]) -> float | None:
@@ -71,7 +74,7 @@ def run(mode: str = "full") -> Result:
     single_vals = [s["val_accuracy"] for s in singles]
     single_gaps = [s["val_accuracy"] - s["test_accuracy"] for s in singles]
     single_std = _std(single_vals)
-    rows = [[f"{k}-fold CV + refit", k, cv_mean, cv_std, cv["test_accuracy"], cv_gap, abs(cv_gap)],
+    rows = [[f"{k}-fold CV + refit", k + 1, cv_mean, cv_std, cv["test_accuracy"], cv_gap, abs(cv_gap)],
             [f"single split x {len(singles)} seeds", len(singles), statistics.fmean(single_vals), single_std,
              statistics.fmean(s["test_accuracy"] for s in singles), statistics.fmean(single_gaps),
              statistics.fmean(abs(g) for g in single_gaps)]]

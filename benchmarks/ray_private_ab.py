@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 
 from benchmarks import overhead, plain, trial_overhead
-from benchmarks.common import alternate, loadavg, local_ray, median, set_threads, spread
+from benchmarks.common import alternate, env_var, loadavg, local_ray, median, set_threads, spread
 from trainers.ray_private import ENV
 
 SIZES = {"full": dict(num_samples=6000, epochs=5, rounds=2, trials=4, trial_epochs=2),
@@ -30,11 +29,8 @@ SIZES = {"full": dict(num_samples=6000, epochs=5, rounds=2, trials=4, trial_epoc
 
 def _side(private: bool, fn):
     def run():
-        os.environ[ENV] = "1" if private else "0"
-        try:
+        with env_var(ENV, "1" if private else "0"):
             return fn()
-        finally:
-            os.environ.pop(ENV, None)
     return run
 
 

@@ -94,26 +94,33 @@ def one_search(problem: dict, strategy: str, seed: int, cpus: int, storage: str,
                           grace_period=1, reduction_factor=3, concurrent=1, seed=seed, first_point=FIRST_POINT,
                           placement=Placement(workers=1, cpus_per_worker=float(cpus))).validate()
     tune_cmd.run(tune_cmd.TuneRequest(space, _user(problem), search, storage, name))
+    # Tune ends a search on Ctrl-C without raising, and a trial may fail: a search that did not
+    # run all its trials to their end is not a result (nor something to keep in the cache).
+    ended = [t["status"] for t in pq.read_table(Path(storage) / name / "trials.parquet").to_pylist()]
+    if len(ended) != trials or set(ended) - {"completed", "early_stopped"}:
+        raise RuntimeError(f"search {name}: {len(ended)} of {trials} trials ended, statuses {sorted(set(ended))}")
     rows = pq.read_table(Path(storage) / name / "epochs.parquet").to_pylist()
     rows.sort(key=lambda r: (r["trial_id"], r["epoch"]))  # Tune numbers trials in the order it starts them
     return [{"trial": r["trial_id"], "epoch": r["epoch"], "value": r[space.metric]} for r in rows]
 
 
-def _cache_file(problem: dict, strategy: str, seed: int) -> Path | None:
+def _cache_file(problem: dict, strategy: str, seed: int, cpus: int) -> Path | None:
     """Where a finished search is kept when ``$RAYSWEEP_BENCH_SEARCH_CACHE`` names a directory,
     so that a full run too long for one sitting continues where it stopped. The key holds
-    the commit: only searches of this same committed, clean tree are reused."""
-    directory, commit = os.environ.get(CACHE_ENV), versions().get("raysweep_commit") or ""
+    the commit and the library versions (only searches of this same committed, clean tree
+    and environment are reused) and the CPUs (a trial's thread count)."""
+    directory, found = os.environ.get(CACHE_ENV), versions()
+    commit = found.get("raysweep_commit") or ""
     if not directory or not commit or commit.endswith("+dirty"):
         return None
-    key = json.dumps({"problem": problem, "strategy": STRATEGIES[strategy], "seed": seed, "commit": commit,
-                      "first_point": FIRST_POINT, "asha_trials": ASHA_TRIALS}, sort_keys=True)
+    key = json.dumps({"problem": problem, "strategy": STRATEGIES[strategy], "seed": seed, "versions": found,
+                      "cpus": cpus, "first_point": FIRST_POINT, "asha_trials": ASHA_TRIALS}, sort_keys=True)
     return Path(directory) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
 def _search_or_cached(problem: dict, strategy: str, seed: int, cpus: int, storage: str, name: str,
                       reused: list) -> list[dict]:
-    path = _cache_file(problem, strategy, seed)
+    path = _cache_file(problem, strategy, seed, cpus)
     if path is not None and path.exists():
         reused.append(path.name)
         return json.loads(path.read_text())

@@ -174,6 +174,9 @@ def test_a_search_kept_in_the_cache_is_reused_only_by_the_same_clean_commit(tmp_
         reused = []
         out = search._search_or_cached(problem, "gp+asha", 0, 2, str(tmp_path), "n", reused)
         assert out == [{"trial": "t", "epoch": 1, "value": 0.5}] and len(ran) == runs, commit
-    assert search._cache_file(problem, "random", 0) is None  # a dirty tree keeps nothing
-    monkeypatch.setattr(search, "versions", lambda: {"raysweep_commit": "abc1234"})
-    assert search._cache_file(problem, "random", 0) != search._cache_file(problem, "random", 1)
+    assert search._cache_file(problem, "random", 0, 2) is None  # a dirty tree keeps nothing
+    monkeypatch.setattr(search, "versions", lambda: {"raysweep_commit": "abc1234", "optuna": "5.0.0"})
+    key = search._cache_file(problem, "random", 0, 2)
+    assert key not in (search._cache_file(problem, "random", 1, 2), search._cache_file(problem, "random", 0, 1))
+    monkeypatch.setattr(search, "versions", lambda: {"raysweep_commit": "abc1234", "optuna": "5.1.0"})
+    assert search._cache_file(problem, "random", 0, 2) != key  # another Optuna: another search
