@@ -25,6 +25,10 @@ def _table(headers, rows) -> list[str]:
     return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
 
 
+def _commit(rec: dict) -> str:
+    return rec.get("versions", {}).get("raysweep_commit") or "unknown"
+
+
 def clean(rec: dict) -> bool:
     """A record of a committed tree: its commit is recorded without the ``+dirty`` mark
     (``benchmarks.common.versions``). Only these reach the page: a figure must be reproducible."""
@@ -51,19 +55,19 @@ def markdown() -> str:
     records = [r for r, _ in found.values() if r is not None]
     missing = [n for n, (r, _) in found.items() if r is None]
     dirty = [d for _, ds in found.values() for d in ds]
-    out = _table(["benchmark", "mode", "value", "unit", "target", "met", "measured"],
+    out = _table(["benchmark", "mode", "value", "unit", "target", "met", "measured", "commit"],
                  [[r["name"], r.get("mode", "full"), _cell(r["value"], 4),  # 4 digits: 1.023 is not 1.02
-                   r["unit"], r["target"], r["met"], r["date"][:16]] for r in records])
+                   r["unit"], r["target"], r["met"], r["date"][:16], _commit(r)] for r in records])
     if missing:
         out += ["", f"No run on record yet: {', '.join(missing)}."]
     if dirty:
         out += ["", "Left out, not from a committed tree: " + ", ".join(
-            f"{d['name']} ({d.get('mode', 'full')}, commit {d.get('versions', {}).get('raysweep_commit') or 'unknown'})"
+            f"{d['name']} ({d.get('mode', 'full')}, commit {_commit(d)})"
             for d in dirty) + "."]
     for r in records:
         machine = r.get("machine", {})
         out += ["", f"### {r['name']}", "", f"`{r['command']}` ({machine.get('cpu', '')}, "
-                f"{machine.get('cores', '?')} cores; {r['date'][:16]})", ""]
+                f"{machine.get('cores', '?')} cores; {r['date'][:16]}; commit {_commit(r)})", ""]
         out += _table(r["table"]["headers"], r["table"]["rows"])
         out += [""] + [f"- {n}" for n in r.get("notes", [])]
     return "\n".join(out) + "\n"

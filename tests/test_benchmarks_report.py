@@ -26,7 +26,8 @@ def test_report_renders_each_result_file_and_rewrites_only_the_marked_block(tmp_
     report.write_docs()
     text = page.read_text()
     assert "old figures" not in text and text.startswith("before\n") and text.endswith("after\n")
-    assert "| augment | full | 16.5 | x | >= 20 | False | 2026-11-29T03:36 |" in text  # full wins over quick
+    assert "| augment | full | 16.5 | x | >= 20 | False | 2026-11-29T03:36 | 6839553 |" in text  # full wins over quick
+    assert "`python -m benchmarks augment` (cpu, 2 cores; 2026-11-29T03:36; commit 6839553)" in text
     assert "| search | quick | 0.25 | x |" in text and "`python -m benchmarks search --quick`" in text
     # The headline keeps 4 digits, so a miss by 0.003 against a target of 1.02 shows.
     (results / "augment.json").write_text(json.dumps({**rec, "value": 1.0229}))
