@@ -73,6 +73,13 @@ SAMPLERS.register("nsga2")(Sampler(lambda seed: optuna.samplers.NSGAIISampler(se
                                    first_point=False, models_conditionals=False))
 
 SEARCHERS = (AUTO, *SAMPLERS.names(), *ALIASES)
+# ``--first-point``: the space's default point as the first trial for the samplers that
+# learn from it (auto: tpe and gp), for every sampler (default: a comparison starts alike), or none.
+FIRST_POINTS = ("auto", "default", "none")
+
+
+def starts_at_default(first_point: str, sampler: str) -> bool:
+    return first_point == "default" or (first_point == "auto" and SAMPLERS[sampler].first_point)
 
 
 def conditional_dims(space: SearchSpace) -> list[str]:

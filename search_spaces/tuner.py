@@ -28,7 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 from search_spaces.objectives import (Goal, TrialObjectives, default_scheduler, objective_problems,  # noqa: F401
                                       parse_objectives, trial_objectives)
 from search_spaces.cv_trial import cv_search_problems, fit_folds, load_bundle, save_bundle
-from search_spaces.samplers import SAMPLERS, SEARCHERS, build_sampler, choose
+from search_spaces.samplers import FIRST_POINTS, SEARCHERS, build_sampler, choose, starts_at_default
 from search_spaces.space import SearchSpace
 from search_spaces.stop_rules import StopRules, parse_target
 from trainers.checkpoints import load_state, save_state
@@ -295,13 +295,6 @@ def optuna_storage(experiment_dir: str | None):
 
     Path(experiment_dir).mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(Path(experiment_dir) / "optuna.journal")))
-
-
-FIRST_POINTS = ("auto", "default", "none")
-
-
-def starts_at_default(first_point: str, sampler: str) -> bool:
-    return first_point == "default" or (first_point == "auto" and SAMPLERS[sampler].first_point)
 
 
 def build_searcher(space: SearchSpace, search: SearchConfig, study_name: str, experiment_dir: str | None):
