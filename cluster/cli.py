@@ -12,9 +12,10 @@ import os
 import sys
 from typing import Callable
 
-from trainers.configtools import ConfigError, clean_error
+from trainers.configtools import ConfigError, capped_lines, clean_error
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_REQUEST = 0, 1, 2
+UNEXPECTED_CHARS = 300  # of an unexpected error's reason
 
 # name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
@@ -157,8 +158,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (ConfigError, DataError, ClusterError, CheckpointError) as e:  # refused: said why, no traceback
-        print(f"raysweep {args.command}: {clean_error(str(e))}", file=sys.stderr)
+        print(f"raysweep {args.command}: {capped_lines(clean_error(str(e)))}", file=sys.stderr)
         return EXIT_BAD_REQUEST
+    except Exception as e:  # noqa: BLE001 - the last net: an input not checked yet, or a bug
+        print(f"raysweep {args.command}: {unexpected(e)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def unexpected(error: Exception) -> str:
+    """One line for an error no check caught: its type and reason (capped, build paths
+    dropped), with the traceback kept in a private file (``$RAYSWEEP_TRACEBACK=1`` prints
+    it instead), so a user sees what went wrong and can report it without a wall of frames."""
+    import tempfile
+    import traceback
+
+    frames = "".join(traceback.format_exception(error))
+    reason = clean_error(f"{type(error).__name__}: {error}").replace("\n", " ")
+    reason = reason if len(reason) <= UNEXPECTED_CHARS else reason[: UNEXPECTED_CHARS - 1] + "…"
+    if os.environ.get("RAYSWEEP_TRACEBACK") == "1":
+        return f"{reason}\n{frames}"
+    try:
+        fd, path = tempfile.mkstemp(prefix="raysweep-traceback-", suffix=".txt")  # mode 0600
+        with os.fdopen(fd, "w") as out:
+            out.write(frames)
+        where = f"the traceback is in {path}"
+    except OSError:
+        where = "set RAYSWEEP_TRACEBACK=1 to see the traceback"
+    return (f"unexpected error: {reason} (an input raysweep does not check yet, or a bug; {where}; "
+            "please report it)")
 
 
 if __name__ == "__main__":

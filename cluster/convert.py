@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cluster.convert_images import ProgressBar, cover_and_crop, decode_with_pil, encode, short_error, with_channels
-from trainers.configtools import ConfigError
+from trainers.configtools import ConfigError, json_record
 from trainers.data import IMAGE_SUFFIXES, DataError, decode_image
 from trainers.uris import file_info as _info
 from trainers.uris import open_location
@@ -254,7 +254,7 @@ class Destination:
         if self.fs.get_file_info(self.path(name)).type != pafs.FileType.File:
             return None
         with self.fs.open_input_stream(self.path(name)) as f:
-            return json.loads(f.read().decode())
+            return json_record(f.read().decode(), self.path(name))
 
     def write_json(self, name: str, obj) -> None:
         self.write_bytes(name, (json.dumps(obj, indent=1) + "\n").encode())

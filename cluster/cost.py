@@ -23,8 +23,8 @@ from typing import Callable, Iterable, Mapping
 import yaml
 from ray.tune.stopper import Stopper
 
-from trainers.configtools import ConfigError, FileReadError
-from trainers.yamlfile import MAX_YAML_BYTES
+from trainers.configtools import ConfigError, FileReadError, shown
+from trainers.yamlfile import CONSTRUCTOR_ERRORS, MAX_YAML_BYTES, check_regular, constructor_problem
 
 PRICE_EXAMPLE = "gpu_hour=1.2,cpu_hour=0.05"
 USAGE_KEYS = ("cpu_seconds", "gpu_seconds", "cost")
@@ -113,8 +113,8 @@ def node_type_prices(path: str, flag: str = "--price") -> dict[str, Prices]:
     for name, fields_ in types.items():
         stated = {key: fields_[label] for key, label in PRICE_LABELS.items() if label in fields_}
         prices = {key: n for key, raw in stated.items() if (n := _label_price(raw)) is not None}
-        problems += [f"{where}: node type {name!r}: {PRICE_LABELS[key]}: {raw!r} must be a finite number >= 0 "
-                     'written as a string, e.g. "1.2"' for key, raw in stated.items() if key not in prices]
+        problems += [f"{where}: node type {shown(name)}: {PRICE_LABELS[key]}: {shown(raw)} must be a finite number "
+                     '>= 0 written as a string, e.g. "1.2"' for key, raw in stated.items() if key not in prices]
         if stated:
             table[name] = Prices(**prices)
     if not table and not problems:
@@ -137,6 +137,7 @@ def _label_price(raw) -> float | None:
 
 def _documents(path: str, flag: str) -> list:
     """The YAML documents of ``path`` (a KubeRay file may hold several)."""
+    check_regular(path, f"{flag} {path}")
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_YAML_BYTES + 1)
@@ -155,6 +156,10 @@ def _documents(path: str, flag: str) -> list:
     except yaml.YAMLError as e:
         raise ConfigError([f"{flag} {path}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__})"]) \
             from None
+    except RecursionError:
+        raise ConfigError([f"{flag} {path}: YAML nested too deeply; give the cluster file"]) from None
+    except CONSTRUCTOR_ERRORS as e:
+        raise ConfigError([f"{flag} {path}: not valid YAML ({constructor_problem(e)})"]) from None
 
 
 def _launcher_types(doc: Mapping) -> dict[str, Mapping] | None:
@@ -168,7 +173,9 @@ def _kuberay_types(doc: Mapping) -> dict[str, Mapping] | None:
     spec = _mapping(doc, "spec")
     spec = _mapping(spec, "rayClusterSpec") if doc["kind"] == "RayJob" else spec
     groups = {KUBERAY_HEAD_GROUP: spec.get("headGroupSpec")}
-    groups |= {g.get("groupName"): g for g in spec.get("workerGroupSpecs") or [] if isinstance(g, Mapping)}
+    workers = spec.get("workerGroupSpecs")
+    groups |= {str(g.get("groupName")): g for g in (workers if isinstance(workers, list) else [])
+               if isinstance(g, Mapping)}
     return {str(k): _mapping(_mapping(_mapping(g, "template"), "metadata"), "annotations")
             for k, g in groups.items() if isinstance(g, Mapping)}
 

@@ -8,7 +8,6 @@ uses (``trainers.streaming``): image folders and Parquet, local or any pyarrow.f
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from trainers.checkpoints import STATE_FILE, load_state
-from trainers.configtools import reading
+from trainers.configtools import json_record, reading, record_text
 from trainers.data import DATASETS, IMAGE_SUFFIXES, DataError, decode_classes, load_data
 from trainers.inference import InferenceError, check_state
 from trainers.predict_readers import NO_LABEL, SKIP_LABEL, list_images, row_groups
@@ -55,10 +54,10 @@ def resolve_checkpoint(spec: str) -> tuple[str, str]:
         if fs.get_file_info(f"{path}/{name}").type != pafs.FileType.File:
             continue
         with reading(f"{path}/{name}", "--checkpoint"), fs.open_input_stream(f"{path}/{name}") as f:
-            record = json.loads(f.read())
-        ckpt = record.get("checkpoint")
-        if not ckpt and record.get("no_checkpoint_reason"):  # e.g. a --cv search (cluster.tune_cv)
-            raise InferenceError(f"--checkpoint {spec!r}: {record['no_checkpoint_reason']}")
+            record = json_record(f.read(), f"{path}/{name}")
+        ckpt = record_text(record, "checkpoint", f"{path}/{name}")
+        if not ckpt and (reason := record_text(record, "no_checkpoint_reason", f"{path}/{name}")):
+            raise InferenceError(f"--checkpoint {spec!r}: {reason}")  # e.g. a --cv search (cluster.tune_cv)
         if not ckpt:
             raise InferenceError(
                 f"--checkpoint {spec!r}: {name} has no 'checkpoint' (status {record.get('status', '?')!r}); "

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from trainers.configtools import reading
+from trainers.configtools import json_record, reading
 from trainers.uris import open_location
 
 
@@ -101,7 +101,7 @@ class ResultsStore:
             if not self.exists(relative):
                 return None
             with self.fs.open_input_stream(self.path(relative)) as f:
-                return json.loads(f.read().decode())
+                return json_record(f.read().decode(), f"{self.uri}/{relative}")
 
 
 def _jsonable(value):

@@ -237,9 +237,14 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
     problems = [f"{source}: unknown key {k!r}; known: description, fixed, metric, name, params"
                 for k in raw if k not in ("name", "description", "fixed", "metric", "params")]
     metric = raw.get("metric", "val_accuracy")
-    if metric not in EARLY_STOP_METRICS:
-        problems.append(f"{source}: metric {metric!r} is not one of {', '.join(EARLY_STOP_METRICS)}")
-    fixed = _flatten(raw.get("fixed") or {})
+    if not isinstance(metric, str) or metric not in EARLY_STOP_METRICS:
+        problems.append(f"{source}: metric {shown(metric)} is not one of {', '.join(EARLY_STOP_METRICS)}")
+        metric = "val_accuracy"
+    fixed = raw.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        problems.append(f"{source}: fixed must be a mapping of train-config keys to values, got {shown(fixed)}")
+        fixed = {}
+    fixed = _flatten(fixed)
     problems += [p for k in fixed if (p := _target_problem(k, f"{source}: fixed.{k}"))]
     dims = []
     params = raw.get("params") or {}
@@ -248,6 +253,10 @@ def parse_space(raw: Any, source: str) -> SearchSpace:
         params = {}
     for key, spec in params.items():
         where = f"{source}: params.{key}"
+        if not isinstance(key, str):
+            problems.append(f"{where}: a dimension's key must be a train-config key such as optim.lr, "
+                            f"not {shown(key)}")
+            continue
         if (p := _target_problem(key, where)):
             problems.append(p)
         if key.startswith("data."):
@@ -298,7 +307,11 @@ def _num(v, where: str, problems: list[str]):
             number = float(v)
         except ValueError:
             pass
-    if number is None or not math.isfinite(number):
+    try:
+        finite = number is not None and math.isfinite(number)
+    except OverflowError:  # an int of hundreds of digits
+        finite = False
+    if not finite:
         problems.append(f"{where}: {shown(v)} is not a finite number; give one, e.g. 0.001")
         return None
     return number
@@ -320,6 +333,9 @@ def _conditions(raw, before: list[Dimension], where: str) -> tuple[dict[str, tup
         if parent is None or parent.type != "categorical":
             problems.append(f"{where}.when: {cond!r} must be a categorical dimension listed before it "
                             f"(earlier categorical ones: {', '.join(d.key for d in before if d.type == 'categorical') or 'none'})")
+        elif not allowed:
+            problems.append(f"{where}.when: {cond}: [] names no value, so this condition can never hold; list one "
+                            f"or more of {list(parent.choices)}")
         elif (stray := [v for v in allowed if v not in parent.choices]):
             problems.append(f"{where}.when: {cond}: {shown(stray)} are not among its choices {list(parent.choices)}, "
                             "so this condition can never hold")

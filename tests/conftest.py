@@ -7,6 +7,8 @@ import os
 # Keep every Ray process on 127.0.0.1 (Ray otherwise swaps in the machine's address).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# An error no check caught prints its traceback here (cluster.cli.unexpected), so a failing test shows where.
+os.environ.setdefault("RAYSWEEP_TRACEBACK", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -297,3 +297,83 @@ def test_pretrained_runs_and_imagenet_that_cannot_be_used_are_refused_before_ray
                              "--storage", str(tmp_path / "runs")], capsys)
         assert code == 2 and reason in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_error_no_check_caught_is_one_capped_line_and_its_traceback_is_kept_privately(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The last net of the CLI: an input that no check knows yet (here a command that raises
+    as such an input would) gives one line and exit 1, never a wall of frames or a huge value."""
+    import re
+    import tempfile
+    from pathlib import Path
+
+    def unchecked(args):
+        raise ValueError("cannot use " + "x" * 5000 + " (/__w/vision/vision/torchvision/io/image.py:42)")
+
+    cli.build_parser()  # registers every command
+    monkeypatch.setitem(cli.COMMANDS, "results", (*cli.COMMANDS["results"][:2], unchecked))
+    monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert cli.main(["results", str(tmp_path)]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "/__w/" not in err and len(err) < 700
+    assert err.startswith("raysweep results: unexpected error: ValueError: cannot use xxx") and "report" in err
+    kept = Path(re.search(r"the traceback is in (\S+);", err).group(1))
+    assert kept.parent == tmp_path and "Traceback" in kept.read_text() and kept.stat().st_mode & 0o077 == 0
+    monkeypatch.setenv("RAYSWEEP_TRACEBACK", "1")
+    assert cli.main(["results", str(tmp_path)]) == cli.EXIT_FAILED
+    assert "Traceback" in capsys.readouterr().err
+
+
+def _probed_inputs(tmp_path):
+    """Inputs a round of probing found escaping as tracebacks (each was exit 1 before)."""
+    import json
+    import os
+
+    def write(name: str, text: str) -> str:
+        (tmp_path / name).write_text(text)
+        return str(tmp_path / name)
+
+    os.mkfifo(tmp_path / "fifo.yaml")
+    space = "params:\n  optim.lr: {type: loguniform, low: 1.0e-4, high: 1.0}\n"
+    runs = {name: tmp_path / name for name in ("best_str", "ckpt_int")}
+    for run, record in zip(runs.values(), ('"x"', json.dumps({"checkpoint": 5}))):
+        run.mkdir()
+        (run / "best.json").write_text(record)
+    pq.write_table(pa.table({"trial_id": ["a"], "best_val_accuracy": [0.5]}), runs["best_str"] / "trials.parquet")
+    return {
+        "a date no calendar has": (["train", "--config", write("date.yaml", "train:\n  seed: 2001-13-45\n")],
+                                   "date.yaml: not valid YAML (ValueError"),
+        "a tag its text cannot build": (["train", "--set", "optim.lr=!!int x"], "not valid YAML (ValueError"),
+        "a FIFO as --config": (["train", "--config", str(tmp_path / "fifo.yaml")], "not a regular file"),
+        "a FIFO as --price": (["train", "--price", str(tmp_path / "fifo.yaml")], "not a regular file"),
+        "a price file nested too deep": (["train", "--price", write("deep.yaml", "[" * 100_000)], "nested too deeply"),
+        "a price file with a bad date": (["train", "--price", write("pdate.yaml", "a: 2001-13-45\n")],
+                                         "not valid YAML (ValueError"),
+        "an int of 400 digits as a float": (["train", "--set", "optim.lr=1" + "0" * 400], "not a finite number"),
+        "a space whose metric is a list": (["tune", "--space", write("m.yaml", "metric: [val_loss]\n" + space)],
+                                           "metric ['val_loss'] is not one of"),
+        "a space whose fixed is a list": (["tune", "--space", write("f.yaml", "fixed: [1]\n" + space)],
+                                          "fixed must be a mapping"),
+        "a space with a number as a key": (["tune", "--space", write("k.yaml", space + "  1: {type: uniform}\n")],
+                                           "a dimension's key must be a train-config key"),
+        "a when: that names no value": (["tune", "--space", write("w.yaml", (
+            "params:\n  optim.name: {type: categorical, choices: [sgd, adam]}\n"
+            "  optim.momentum: {type: uniform, low: 0.0, high: 0.9, when: {optim.name: []}}\n"))], "names no value"),
+        "best.json that is not an object": (["results", str(runs["best_str"])], "best.json: not a JSON object"),
+        "a checkpoint field that is not text": (["export", "--checkpoint", str(runs["ckpt_int"]), "--out",
+                                                 str(tmp_path / "m.pt")], "'checkpoint' is 5, not text"),
+    }
+
+
+@pytest.mark.parametrize("case", ["a date no calendar has", "a tag its text cannot build", "a FIFO as --config",
+                                  "a FIFO as --price", "a price file nested too deep", "a price file with a bad date",
+                                  "an int of 400 digits as a float", "a space whose metric is a list",
+                                  "a space whose fixed is a list", "a space with a number as a key",
+                                  "a when: that names no value", "best.json that is not an object",
+                                  "a checkpoint field that is not text"])
+def test_probed_inputs_give_exit_2_naming_what_is_wrong(case, tmp_path, capsys, no_ray, monkeypatch):
+    monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
+    argv, expected = _probed_inputs(tmp_path)[case]
+    code, err = run_cli(argv + (["--storage", str(tmp_path / "runs")] if argv[0] in ("train", "tune") else []), capsys)
+    assert code == 2 and expected in err and "unexpected error" not in err and "Traceback" not in err, err

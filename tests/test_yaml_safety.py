@@ -75,7 +75,8 @@ def test_errors_repeat_at_most_80_characters_of_a_value(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_run_config(str(long))
     [problem] = err.value.problems
-    assert problem.startswith("data.name: ['lol', ") and "…" in problem and problem.endswith("is not a valid str")
+    assert problem.startswith("data.name: ['lol', ") and problem.endswith("is not a valid str")
+    assert "…" in problem or "...]" in problem  # cut, or a few items shown (a container, bounded reprlib)
     assert len(problem) < 130
     # A message built elsewhere is still capped, its field and its fix kept.
     capped = ConfigError(["field.x: " + "v" * 10_000 + " must be positive; set field.x: 1"]).problems[0]

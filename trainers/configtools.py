@@ -7,9 +7,11 @@ Every problem is collected, not raised one at a time, so a user sees all of them
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import pickle
 import re
+import reprlib
 import zipfile
 import types
 import typing
@@ -24,9 +26,24 @@ SHOWN_CHARS = 80
 PROBLEM_CHARS = 400
 
 
+def _bounded_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict, short.maxset = 3, 6, 6, 6, 6
+    short.maxstring = short.maxother = SHOWN_CHARS
+    return short
+
+
+_BOUNDED = _bounded_repr()
+
+
 def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
-    """``repr(value)``, cut to ``limit`` characters with ``…`` where longer."""
-    text = repr(value)
+    """``repr(value)``, cut to ``limit`` characters with ``…`` where longer. A container is
+    shown through a bounded ``reprlib`` (a few items, a few levels), so a value that YAML
+    aliases blew up to millions of items costs nothing to show."""
+    try:
+        text = repr(value) if isinstance(value, (str, bytes, int, float, bool, type(None))) else _BOUNDED.repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit for str()
+        text = f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else "<a value>"
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -75,6 +92,29 @@ class FileReadError(ConfigError):
     """A file raysweep reads is missing, unreadable or not what it should be (exit 2)."""
 
     HEADER = "a file cannot be used"
+
+
+def json_record(data: bytes | str, path: Any) -> dict:
+    """A JSON record raysweep wrote (summary.json, best.json, cv.json, ...): always an object.
+    Anything else was changed by hand or is not raysweep's, and every reader would trip on it."""
+    value = json.loads(data)
+    if not isinstance(value, dict):
+        raise FileReadError([f"{path}: not a JSON object as raysweep writes it (found {type(value).__name__} "
+                             f"{shown(value)}); the file was changed or is not raysweep's"])
+    return value
+
+
+def record_text(record: Mapping, key: str, path: Any) -> str | None:
+    """``record[key]`` where it must be text (a checkpoint URI, a reason): None when absent."""
+    value = record.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise FileReadError([f"{path}: {key!r} is {shown(value)}, not text; the file was changed or is not raysweep's"])
+
+
+def capped_lines(text: str) -> str:
+    """Each line of an error message cut to ``PROBLEM_CHARS`` (a value repeated in full is cut)."""
+    return "\n".join(_capped(line) for line in text.splitlines())
 
 
 def file_problem(path: Any, error: BaseException, role: str = "") -> str:
@@ -162,13 +202,15 @@ def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
 
 
 def _float_or_none(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        except ValueError:
-            return None
+        if isinstance(value, str):
+            return float(value)
+    except ValueError:
+        return None
+    except OverflowError:  # an int of 400 digits: as good as infinite, and refused as such
+        return math.inf
     return None
 
 
@@ -177,7 +219,8 @@ def _build(cls, values: Mapping[str, Any], prefix: str, problems: list[str]):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in values.items():
-        where = f"{prefix}.{key}" if prefix else str(key)
+        name = key if isinstance(key, str) and key.isprintable() and len(key) <= SHOWN_CHARS else shown(key)
+        where = f"{prefix}.{name}" if prefix else name
         if key not in fields:
             problems.append(f"{where}: unknown key; known keys here: {', '.join(sorted(fields))}")
             continue
@@ -194,6 +237,8 @@ def _build(cls, values: Mapping[str, Any], prefix: str, problems: list[str]):
 def from_dict(cls, values: Mapping[str, Any] | None, prefix: str = ""):
     """Build dataclass ``cls`` from nested ``values``; raise ``ConfigError`` listing every problem."""
     problems: list[str] = []
+    if values is not None and not isinstance(values, Mapping):
+        raise ConfigError([f"{prefix or 'the config'}: expected a mapping of keys, got {shown(values)}"])
     obj = _build(cls, values or {}, prefix, problems)
     if problems:
         raise ConfigError(problems)

@@ -20,12 +20,13 @@ layers for torchvision's ``FrozenBatchNorm2d``, so its running statistics stay f
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from trainers.configtools import json_record, record_text
 
 STATE_FILE = "state.pt"  # trainers.checkpoints.STATE_FILE (not imported: it imports the models)
 RUN_RECORDS = (("summary.json", "a train run's best checkpoint"), ("best.json", "a search's best trial"))
@@ -98,7 +99,7 @@ def _checkpoint_in(fs, path: str, spec: str) -> str:
         if fs.get_file_info(f"{path}/{record}").type != pafs.FileType.File:
             continue
         with fs.open_input_stream(f"{path}/{record}") as f:
-            checkpoint = json.loads(f.read()).get("checkpoint")
+            checkpoint = record_text(json_record(f.read(), f"{spec}: {record}"), "checkpoint", f"{spec}: {record}")
         if not checkpoint:
             raise ModelError(f"model.pretrained {spec!r}: {record} names no checkpoint ({what}); "
                              "point at a checkpoint_*/ directory instead")

@@ -51,11 +51,35 @@ def load_yaml_text(text: str, source: str) -> Any:
         where = f", line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or type(e).__name__
         raise ConfigError([f"{source}{where}: not valid YAML ({problem})"]) from None
+    except CONSTRUCTOR_ERRORS as e:  # a well-formed value its tag cannot build, e.g. 2001-13-45 or !!int x
+        raise ConfigError([f"{source}: not valid YAML ({constructor_problem(e)})"]) from None
+
+
+# What PyYAML's constructors raise, outside its own YAMLError, for a scalar whose tag or
+# shape says one type and whose text another: a date 2001-13-45 (ValueError), ``!!int x``
+# (ValueError), ``!!timestamp x`` (AttributeError), a huge exponent (OverflowError).
+CONSTRUCTOR_ERRORS = (ValueError, TypeError, AttributeError, OverflowError)
+
+
+def constructor_problem(error: Exception) -> str:
+    text = f"{type(error).__name__}: {error}".replace("\n", " ")
+    return text if len(text) <= 120 else text[:119] + "…"
+
+
+def check_regular(path: str | Path, source: str) -> None:
+    """A FIFO or a device would block the read or never end; a directory is left to open(),
+    whose error names it."""
+    if "\0" in str(path):
+        raise FileReadError([f"{source!r}: a path cannot hold a NUL byte"])
+    p = Path(path)
+    if p.exists() and not p.is_file() and not p.is_dir():
+        raise FileReadError([f"{source}: not a regular file (a FIFO, socket or device); give a YAML file"])
 
 
 def load_yaml_file(path: str | Path, option: str) -> Any:
     """Read and parse one YAML file; ``option`` (``--config``, ``--space``, ...) names it in errors."""
     source = f"{option} {path}" if option else str(path)
+    check_regular(path, source)
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_YAML_BYTES + 1)
