@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cluster.convert_images import ProgressBar, cover_and_crop, decode_with_pil, encode, short_error, with_channels
-from trainers.configtools import ConfigError, json_record
+from trainers.configtools import ConfigError, json_record, user_path
 from trainers.data import IMAGE_SUFFIXES, DataError, decode_image
 from trainers.uris import file_info as _info
 from trainers.uris import open_location
@@ -89,7 +89,7 @@ class ConvertConfig:
 
 
 def _norm(location: str) -> str:
-    return location.rstrip("/") if "://" in location else str(Path(location).expanduser().resolve())
+    return location.rstrip("/") if "://" in location else str(user_path(location, "data convert").resolve())
 
 
 # -- filesystems ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from trainers.checkpoints import STATE_FILE, load_state
-from trainers.configtools import json_record, reading, record_text
+from trainers.configtools import json_record, reading, record_text, user_path
 from trainers.data import DATASETS, IMAGE_SUFFIXES, DataError, decode_classes, load_data
 from trainers.inference import InferenceError, check_state
 from trainers.predict_readers import NO_LABEL, SKIP_LABEL, list_images, row_groups
@@ -42,7 +42,7 @@ def resolve_checkpoint(spec: str) -> tuple[str, str]:
     import pyarrow.fs as pafs
 
     fs, path = pafs.FileSystem.from_uri(spec) if "://" in spec else (
-        pafs.LocalFileSystem(), str(Path(spec).expanduser().resolve()))
+        pafs.LocalFileSystem(), str(user_path(spec, "--checkpoint").resolve()))
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise InferenceError(f"--checkpoint {spec!r}: no such file or directory")

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from trainers.configtools import json_record, reading
+from trainers.configtools import json_record, reading, user_path
 from trainers.uris import open_location
 
 
@@ -24,7 +23,7 @@ def resolve_storage(storage: str) -> str:
     """Local paths become absolute (Ray needs that); URIs pass through."""
     if "://" in storage:
         return storage
-    return str(Path(storage).expanduser().resolve())
+    return str(user_path(storage, "--storage").resolve())
 
 
 class ResultsStore:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainers.config import EARLY_STOP_METRICS, TrainRunConfig
-from trainers.configtools import ConfigError, merge, set_path, shown
+from trainers.configtools import ConfigError, merge, set_path, shown, user_path
 from trainers.registry import Registry
 from trainers.yamlfile import load_yaml_file
 
@@ -362,7 +362,7 @@ def shipped_spaces() -> list[str]:
 
 def load_space(name_or_path: str) -> SearchSpace:
     """A shipped space by name (``digits_cnn``) or a user's YAML file by path."""
-    path = Path(name_or_path).expanduser()
+    path = user_path(name_or_path, "--space")
     if not path.is_file():
         if name_or_path not in shipped_spaces():
             raise ConfigError([f"--space: {name_or_path!r} is neither a file nor a shipped space; "

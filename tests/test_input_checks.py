@@ -363,6 +363,12 @@ def _probed_inputs(tmp_path):
         "best.json that is not an object": (["results", str(runs["best_str"])], "best.json: not a JSON object"),
         "a checkpoint field that is not text": (["export", "--checkpoint", str(runs["ckpt_int"]), "--out",
                                                  str(tmp_path / "m.pt")], "'checkpoint' is 5, not text"),
+        "~user unknown in --storage": (["results", "~no_such_user_rs/runs/x"], "names a user this machine does not"),
+        "~user unknown in --space": (["tune", "--space", "~no_such_user_rs/s.yaml"], "--space: '~no_such_user_rs"),
+        "~user unknown in data.root": (["train", "--set", "data.name=imagefolder", "--set",
+                                        "data.root=~no_such_user_rs/imgs"], "data.root: '~no_such_user_rs"),
+        "a name longer than allowed": (["export", "--checkpoint", str(tmp_path / ("c" * 300)), "--out",
+                                        str(tmp_path / "m.pt")], "longer than a path may be"),
     }
 
 
@@ -371,7 +377,9 @@ def _probed_inputs(tmp_path):
                                   "an int of 400 digits as a float", "a space whose metric is a list",
                                   "a space whose fixed is a list", "a space with a number as a key",
                                   "a when: that names no value", "best.json that is not an object",
-                                  "a checkpoint field that is not text"])
+                                  "a checkpoint field that is not text", "~user unknown in --storage",
+                                  "~user unknown in --space", "~user unknown in data.root",
+                                  "a name longer than allowed"])
 def test_probed_inputs_give_exit_2_naming_what_is_wrong(case, tmp_path, capsys, no_ray, monkeypatch):
     monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
     argv, expected = _probed_inputs(tmp_path)[case]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainers.config import TrainRunConfig
-from trainers.configtools import FILE_ERRORS, ConfigError, file_problem
+from trainers.configtools import FILE_ERRORS, ConfigError, file_problem, user_path
 
 # Config fields that name a file on the driver's machine, and the values that are names,
 # not paths. A missing file failed inside every worker, retried max_failures times (exit 1);
@@ -26,7 +26,7 @@ def path_problems(cfg: TrainRunConfig) -> list[str]:
         value = getattr(getattr(cfg, section), key)
         if value is None:
             continue
-        path = Path(value).expanduser()
+        path = user_path(value, f"{section}.{key}")
         try:
             if path.is_file():
                 _load_weights(path)

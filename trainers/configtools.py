@@ -13,6 +13,7 @@ import pickle
 import re
 import reprlib
 import zipfile
+from pathlib import Path
 import types
 import typing
 from contextlib import contextmanager
@@ -110,6 +111,27 @@ def record_text(record: Mapping, key: str, path: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise FileReadError([f"{path}: {key!r} is {shown(value)}, not text; the file was changed or is not raysweep's"])
+
+
+def user_path(text: Any, field: str) -> Path:
+    """A local path a user gave, ``~`` expanded, refused (naming ``field``) where no OS call
+    could take it: a NUL byte, ``~user`` for a user this machine does not know, a name longer
+    than file systems allow."""
+    value = str(text)
+    if "\0" in value:
+        raise ConfigError([f"{field}: {shown(value)} holds a NUL byte; give a path"])
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # Path.expanduser: "Could not determine home directory."
+        raise ConfigError([f"{field}: {shown(value)}: '~' names a user this machine does not know; give the "
+                           "path in full"]) from None
+    if any(len(part.encode()) > NAME_BYTES for part in path.parts) or len(str(path).encode()) > PATH_BYTES:
+        raise ConfigError([f"{field}: {shown(value)} is longer than a path may be ({NAME_BYTES} bytes a name, "
+                           f"{PATH_BYTES} in all)"])
+    return path
+
+
+NAME_BYTES, PATH_BYTES = 255, 4095  # Linux's NAME_MAX and PATH_MAX - 1
 
 
 def capped_lines(text: str) -> str:

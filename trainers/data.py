@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from trainers.config import DataConfig
-from trainers.configtools import clean_error
+from trainers.configtools import clean_error, user_path
 from trainers.preprocess import resize, to_channels
 from trainers.registry import Registry
 
@@ -113,7 +113,7 @@ def _check_labels(split: Split, classes: list[str], name: str) -> None:
 def _require_root(cfg: DataConfig) -> Path:
     if not cfg.root:
         raise DataError(f"data.root: data set {cfg.name!r} needs a path; set data.root=PATH")
-    root = Path(cfg.root).expanduser()
+    root = user_path(cfg.root, "data.root")
     if not root.exists():
         raise DataError(f"data.root: {str(root)!r} does not exist; check the path")
     return root
@@ -152,7 +152,7 @@ def _cifar10(cfg: DataConfig):
     """The CIFAR-10 python archive (torchvision's layout) under ``root``."""
     from torchvision.datasets import CIFAR10
 
-    root = Path(cfg.root or "./data").expanduser()
+    root = user_path(cfg.root or "./data", "data.root")
     if not cfg.download and not (root / "cifar-10-batches-py").is_dir():
         raise DataError(
             f"data.root: no CIFAR-10 archive (cifar-10-batches-py/) under {str(root)!r}; "
@@ -223,7 +223,7 @@ def _imagefolder(cfg: DataConfig):
     x, y, classes = read_image_folder(_require_root(cfg), cfg.resize_hw)
     test = None
     if cfg.test_root:
-        tx, ty, tclasses = read_image_folder(Path(cfg.test_root).expanduser(), cfg.resize_hw)
+        tx, ty, tclasses = read_image_folder(user_path(cfg.test_root, "data.test_root"), cfg.resize_hw)
         if tclasses != classes:
             raise DataError(f"data.test_root: class folders {tclasses} differ from data.root's {classes}")
         test = Split(tx, ty)
@@ -283,7 +283,7 @@ def _parquet(cfg: DataConfig):
     """Parquet with ``image`` (encoded bytes) and ``label``; a directory holding
     ``train.parquet`` and ``test.parquet`` gives both splits."""
     root = _require_root(cfg)
-    test_root = Path(cfg.test_root).expanduser() if cfg.test_root else None
+    test_root = user_path(cfg.test_root, "data.test_root") if cfg.test_root else None
     if root.is_dir() and (root / "train.parquet").is_file():
         test_root = test_root or (root / "test.parquet" if (root / "test.parquet").is_file() else None)
         root = root / "train.parquet"

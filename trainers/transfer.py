@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainers.configtools import json_record, record_text
+from trainers.configtools import json_record, record_text, user_path
 
 STATE_FILE = "state.pt"  # trainers.checkpoints.STATE_FILE (not imported: it imports the models)
 RUN_RECORDS = (("summary.json", "a train run's best checkpoint"), ("best.json", "a search's best trial"))
@@ -51,7 +51,7 @@ def absolute_location(spec: str) -> str:
     its workers in a directory of its own, where a relative path would name nothing."""
     if spec == "imagenet" or "://" in spec:
         return spec
-    return str(Path(spec).expanduser().absolute())
+    return str(user_path(spec, "model.pretrained").absolute())
 
 
 def imagenet_weights() -> Path:

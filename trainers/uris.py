@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from trainers.configtools import user_path
 from trainers.data import DataError
 
 # S3 defaults retry for minutes on a dead endpoint; a refused request should say so in seconds.
@@ -27,7 +27,7 @@ def open_location(location: str, role: str = "data.root") -> tuple[pafs.FileSyst
     and few retries so that an unreachable endpoint is reported within seconds; errors name
     ``role`` (the option or key) and the location."""
     if "://" not in location:
-        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+        return pafs.LocalFileSystem(), str(user_path(location, role).resolve())
     try:
         fs, path = pafs.FileSystem.from_uri(location)
         if isinstance(fs, pafs.S3FileSystem) and "?" not in location:
