@@ -33,7 +33,8 @@ from search_spaces.space import SearchSpace
 from search_spaces.stop_rules import StopRules, parse_target
 from trainers.checkpoints import load_state, save_state
 from trainers import ray_private
-from trainers.configtools import ConfigError
+from trainers.config import SEED_MAX
+from trainers.configtools import ConfigError, shown
 from trainers.data import ImageData
 from trainers.distributed import Placement, checkpoint_uri, run_training, times_fitting
 from trainers.loop import STOP_DIVERGED, StreamedInputs, WorkerContext, fit
@@ -78,6 +79,8 @@ class SearchConfig:
         out = []
         if self.trials < 1:
             out.append(f"--trials: {self.trials} must be >= 1")
+        if not 0 <= self.seed <= SEED_MAX:
+            out.append(f"--seed: {shown(self.seed)} must lie in 0..{SEED_MAX} (what Optuna's samplers take)")
         if self.max_epochs < 1:
             out.append(f"--max-epochs: {self.max_epochs} must be >= 1")
         if self.searcher not in SEARCHERS:

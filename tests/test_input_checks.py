@@ -369,6 +369,10 @@ def _probed_inputs(tmp_path):
                                         "data.root=~no_such_user_rs/imgs"], "data.root: '~no_such_user_rs"),
         "a name longer than allowed": (["export", "--checkpoint", str(tmp_path / ("c" * 300)), "--out",
                                         str(tmp_path / "m.pt")], "longer than a path may be"),
+        "a negative data seed": (["train", "--cv", "2", "--set", "data.seed=-3"], "data.seed: -3"),
+        "a seed Optuna cannot take": (["tune", "--space", "digits_cnn", "--seed", str(2**32)], "--seed: 4294967296"),
+        "a synthetic set too big to make": (["train", "--set", "data.name=synthetic", "--set", "data.image_size=4096"],
+                                            "GiB while they are made"),
     }
 
 
@@ -379,7 +383,8 @@ def _probed_inputs(tmp_path):
                                   "a when: that names no value", "best.json that is not an object",
                                   "a checkpoint field that is not text", "~user unknown in --storage",
                                   "~user unknown in --space", "~user unknown in data.root",
-                                  "a name longer than allowed"])
+                                  "a name longer than allowed", "a negative data seed", "a seed Optuna cannot take",
+                                  "a synthetic set too big to make"])
 def test_probed_inputs_give_exit_2_naming_what_is_wrong(case, tmp_path, capsys, no_ray, monkeypatch):
     monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
     argv, expected = _probed_inputs(tmp_path)[case]

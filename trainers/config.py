@@ -46,6 +46,10 @@ def _size_problem(size) -> str | None:
     return f"image_size: {str(size)[:40]!r} must be N or [H, W], whole numbers in 4..4096 (e.g. 64 or [96, 128])"
 
 
+SEED_MAX = 2**32 - 1  # what numpy's and Optuna's seeds take
+SYNTHETIC_BYTES = 4 * 2**30  # the synthetic set is made at once in float32
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where images come from and how they are split.
@@ -105,6 +109,18 @@ class DataConfig:
     def is_uri(self) -> bool:
         return any("://" in (r or "") for r in (self.root, self.test_root))
 
+    def _synthetic_problem(self) -> str | None:
+        """The synthetic set is made in memory as float32 at once: bound what it takes."""
+        if self.name != "synthetic" or _size_problem(self.image_size) or not isinstance(self.num_samples, int):
+            return None
+        h, w = self.resize_hw or (16, 16)
+        need = self.num_samples * self.channels * h * w * 4
+        if need <= SYNTHETIC_BYTES:
+            return None
+        return (f"num_samples: {self.num_samples} synthetic images of {self.channels}x{h}x{w} would take "
+                f"{need / 2**30:.3g} GiB while they are made; at most {SYNTHETIC_BYTES // 2**30} GiB: fewer or "
+                "smaller images")
+
     def problems(self) -> list[str]:
         return _drop_none(
             [
@@ -112,8 +128,10 @@ class DataConfig:
                 range_problem("val_fraction", self.val_fraction, 0.0, 0.9, low_open=True),
                 range_problem("test_fraction", self.test_fraction, 0.0, 0.9, low_open=True),
                 range_problem("limit", self.limit, 1),
-                range_problem("num_samples", self.num_samples, 10),
+                range_problem("num_samples", self.num_samples, 10, 100_000_000),
                 _size_problem(self.image_size),
+                range_problem("seed", self.seed, 0, SEED_MAX),
+                self._synthetic_problem(),
                 choice_problem("train_crop", self.train_crop, TRAIN_CROPS, "training crop"),
                 choice_problem("streaming", self.streaming_mode, STREAMING, "streaming mode"),
                 range_problem("shuffle_buffer", self.shuffle_buffer, 0, 1_000_000),
@@ -304,6 +322,7 @@ class TrainConfig:
             [
                 range_problem("epochs", self.epochs, 1, 10_000),
                 range_problem("batch_size", self.batch_size, 1, 65_536),
+                range_problem("seed", self.seed, 0, SEED_MAX),
                 choice_problem("precision", self.precision, PRECISIONS, "precision"),
                 range_problem("checkpoint_every", self.checkpoint_every, 1),
                 range_problem("max_failures", self.max_failures, 0),
