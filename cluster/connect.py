@@ -17,6 +17,7 @@ import ray
 
 from cluster.auth import secure_token_file
 from trainers import ray_private
+from trainers.configtools import shown
 from trainers.distributed import Placement
 from trainers.memory import malloc_env
 from trainers.yamlfile import load_yaml_file
@@ -34,17 +35,32 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, not minutes, when nothing listens at ``host:port``."""
     if address == "auto":
         return
-    parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    if not parsed.hostname or not parsed.port:
+    host, port = address_parts(address)
+    if not port:
         return
     try:
-        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s):
+        with socket.create_connection((host, port), timeout=timeout_s):
             pass
     except OSError as e:
         raise ClusterError(
             f"--address {address}: nothing answers there ({e}); start the cluster (ray start --head) "
             "or fix the address / RAY_ADDRESS"
         ) from None
+
+
+def address_parts(address: str) -> tuple[str, int | None]:
+    """``(host, port or None)`` of a Ray or job-server address; one that names no host, or a
+    port out of range, is refused (``ray://``, ``127.0.0.1:99999``, ``http://[::1``)."""
+    try:
+        parsed = urlparse(address.strip() if "://" in address else f"tcp://{address.strip()}")
+        host, port = parsed.hostname, parsed.port
+    except ValueError as e:  # urllib: "Port out of range 0-65535", "Invalid IPv6 URL"
+        raise ClusterError(f"--address {shown(address)}: not a valid address ({e}); give HOST:PORT, e.g. "
+                           "127.0.0.1:6379 (a job server: http://HOST:8265)") from None
+    if not host:
+        raise ClusterError(f"--address {shown(address)}: names no host; give HOST:PORT, e.g. 127.0.0.1:6379 "
+                           "(a job server: http://HOST:8265)")
+    return host, port
 
 
 def free_port() -> int:

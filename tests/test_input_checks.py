@@ -373,6 +373,9 @@ def _probed_inputs(tmp_path):
         "a seed Optuna cannot take": (["tune", "--space", "digits_cnn", "--seed", str(2**32)], "--seed: 4294967296"),
         "a synthetic set too big to make": (["train", "--set", "data.name=synthetic", "--set", "data.image_size=4096"],
                                             "GiB while they are made"),
+        "a job address with a port out of range": (["jobs", "list", "--address", "http://127.0.0.1:99999"],
+                                                   "not a valid address (Port out of range"),
+        "a Ray address that names no host": (["serve", "status", "--address", "ray://"], "names no host"),
     }
 
 
@@ -384,7 +387,8 @@ def _probed_inputs(tmp_path):
                                   "a checkpoint field that is not text", "~user unknown in --storage",
                                   "~user unknown in --space", "~user unknown in data.root",
                                   "a name longer than allowed", "a negative data seed", "a seed Optuna cannot take",
-                                  "a synthetic set too big to make"])
+                                  "a synthetic set too big to make", "a job address with a port out of range",
+                                  "a Ray address that names no host"])
 def test_probed_inputs_give_exit_2_naming_what_is_wrong(case, tmp_path, capsys, no_ray, monkeypatch):
     monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
     argv, expected = _probed_inputs(tmp_path)[case]
