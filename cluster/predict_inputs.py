@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainers.checkpoints import STATE_FILE, load_state
+from trainers.checkpoints import STATE_FILE, load_state, network_from_state
 from trainers.configtools import json_record, reading, record_text, user_path
 from trainers.data import DATASETS, IMAGE_SUFFIXES, DataError, decode_classes, load_data
 from trainers.inference import InferenceError, check_state
@@ -90,6 +90,7 @@ def load_checkpoint(spec: str) -> tuple[dict, str, str]:
     else:
         state = load_state(where)
     check_state(state)
+    network_from_state(state)  # the weights fit the model the meta describes: known here, not in an actor
     return {"model": state["model"], "meta": state["meta"]}, where, how
 
 

@@ -394,3 +394,52 @@ def test_probed_inputs_give_exit_2_naming_what_is_wrong(case, tmp_path, capsys, 
     argv, expected = _probed_inputs(tmp_path)[case]
     code, err = run_cli(argv + (["--storage", str(tmp_path / "runs")] if argv[0] in ("train", "tune") else []), capsys)
     assert code == 2 and expected in err and "unexpected error" not in err and "Traceback" not in err, err
+
+
+def _broken_checkpoints(tmp_path) -> dict[str, tuple[str, str]]:
+    """A good checkpoint's state with one part of its meta (or its weights) made wrong."""
+    import copy
+
+    import torch
+
+    from trainers.checkpoints import save_state
+    from trainers.config import ModelConfig, TrainRunConfig
+    from trainers.models import build_model
+
+    net = build_model(ModelConfig(name="simple_cnn"), 1, 8, 3)
+    good = {"model": net.state_dict(), "epoch": 1,
+            "meta": {"config": TrainRunConfig.from_dict({"model": {"name": "simple_cnn"}}).to_dict(),
+                     "classes": ["a", "b", "c"], "mean": [0.5], "std": [0.2], "image_shape": [1, 8, 8]}}
+    changes = {
+        "classes a number": (lambda st: st["meta"].update(classes=5), "meta.classes 5"),
+        "image_shape too short": (lambda st: st["meta"].update(image_shape=[1, 8]), "meta.image_shape [1, 8]"),
+        "image_shape huge": (lambda st: st["meta"].update(image_shape=[1, 10**6, 10**6]), "meta.image_shape"),
+        "mean a string": (lambda st: st["meta"].update(mean="x"), "meta.mean 'x'"),
+        "preprocess a list": (lambda st: st["meta"].update(preprocess=[1]), "meta.preprocess [1]"),
+        "config a list": (lambda st: st["meta"].update(config=[1, 2]), "meta.config [1, 2]"),
+        "config invalid": (lambda st: st["meta"]["config"]["train"].update(epochs="x"), "meta.config is not a valid"),
+        "weights of another shape": (lambda st: st["meta"].update(classes=["a", "b"]), "weights do not fit"),
+        "model not a state dict": (lambda st: st.update(model=[1]), "model [1] is not a state dict"),
+    }
+    out = {}
+    for i, (case, (change, expected)) in enumerate(changes.items()):
+        state = copy.deepcopy(good)
+        change(state)
+        out[case] = (str(save_state(state, tmp_path / f"ck{i}").parent), expected)
+    torch.manual_seed(0)
+    return out
+
+
+@pytest.mark.parametrize("command", ["export", "predict"])
+def test_a_checkpoint_whose_meta_or_weights_are_wrong_is_refused_naming_the_part(command, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """export, predict and serve read checkpoints through one loader (``load_checkpoint``):
+    the meta's shape and the weights' fit are checked there, before any Ray actor."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("reached Ray"))
+    monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
+    for case, (ckpt, expected) in _broken_checkpoints(tmp_path).items():
+        extra = ["--data", "digits"] if command == "predict" else []
+        code, err = run_cli([command, "--checkpoint", ckpt, "--out", str(tmp_path / f"{case}.out"), *extra], capsys)
+        assert code == 2 and expected in err and "unexpected error" not in err, (case, err)

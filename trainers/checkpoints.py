@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from trainers.config import TrainRunConfig
-from trainers.configtools import FILE_ERRORS, clean_error, file_problem
+from trainers.configtools import FILE_ERRORS, ConfigError, clean_error, file_problem
 from trainers.data import Split
 from trainers.loop import Model, Normalizer, evaluate, reduce_validation, resolve_precision, split_batches
 from trainers.models import build_model
@@ -64,11 +64,21 @@ def load_state(path: str | Path) -> dict:
 def network_from_state(state: dict) -> tuple[torch.nn.Module, TrainRunConfig, dict]:
     """The trained network, its weights loaded (train mode, on CPU); returns (net, config, meta)."""
     meta = state["meta"]
-    cfg = TrainRunConfig.from_dict(meta["config"])
+    try:
+        cfg = TrainRunConfig.from_dict(meta["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"the checkpoint's meta.config is not a valid run config: {'; '.join(e.problems)}") \
+            from None
     channels, height, _ = meta["image_shape"]
     # Not from model.pretrained again: the checkpoint holds every weight, and that file may be gone.
     net = build_model(dataclasses.replace(cfg.model, pretrained=None), channels, height, len(meta["classes"]))
-    net.load_state_dict(state["model"])
+    try:
+        net.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, ValueError, AttributeError) as e:  # keys or shapes that do not fit
+        reason = clean_error(str(e)).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"the checkpoint's weights do not fit the {cfg.model.name} its meta describes "
+                              f"({len(meta['classes'])} classes, image {list(meta['image_shape'])}): {reason}") \
+            from None
     return net, cfg, meta
 
 

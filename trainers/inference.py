@@ -18,14 +18,16 @@ no raysweep installed: the network, the normalisation and the class names.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import math
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from trainers.checkpoints import network_from_state
 from trainers.config import TrainRunConfig
+from trainers.configtools import shown
 from trainers.loop import Normalizer, autocast_for, resolve_precision
 from trainers.preprocess import RESIZE_RATIO
 from trainers.tta import TTA, TTANet
@@ -65,7 +67,43 @@ def check_state(state) -> dict:
     missing = [k for k in REQUIRED_META if k not in state["meta"]]
     if missing:
         raise InferenceError(f"checkpoint meta lacks {missing}; it was not written by raysweep train")
+    problems = ([] if isinstance(state["model"], dict) else [f"model {shown(state['model'])} is not a state dict"])
+    if problems := problems + meta_problems(state["meta"]):
+        raise InferenceError(f"checkpoint {'; '.join(problems)}; it was not written by raysweep train, or was changed")
     return state["meta"]
+
+
+def meta_problems(meta: dict) -> list[str]:
+    """What in a checkpoint's ``meta`` cannot be what raysweep train writes (each reader would
+    trip on it later, in a Ray actor or inside torch)."""
+    out = []
+    shape = meta.get("image_shape")
+    whole = isinstance(shape, (list, tuple)) and len(shape) == 3 and all(_whole(v) for v in shape)
+    if not (whole and 1 <= shape[0] <= 4 and all(1 <= v <= 4096 for v in shape[1:])):
+        out.append(f"meta.image_shape {shown(shape)} is not [channels 1-4, height 1-4096, width 1-4096]")
+    classes = meta.get("classes")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        out.append(f"meta.classes {shown(classes)} is not a list of class names")
+    for key in ("mean", "std"):
+        v = meta.get(key)
+        if not (isinstance(v, (list, tuple)) and all(_finite(x) for x in v) and (not whole or len(v) == shape[0])):
+            out.append(f"meta.{key} {shown(v)} is not one finite number per channel")
+    if not isinstance(meta.get("config"), dict):
+        out.append(f"meta.config {shown(meta.get('config'))} is not a mapping")
+    pre = meta.get("preprocess")
+    resize = pre.get("resize") if isinstance(pre, dict) else None
+    if not (pre is None or isinstance(pre, dict)) or not (
+            resize is None or (isinstance(resize, (list, tuple)) and len(resize) == 2 and all(map(_whole, resize)))):
+        out.append(f"meta.preprocess {shown(pre)} is not a mapping with resize [H, W] or none")
+    return out
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def classifier_from_state(state: dict, device: torch.device | str = "cpu") -> tuple[Classifier, TrainRunConfig]:
