@@ -16,6 +16,7 @@ from cluster.cli import EXIT_BAD_REQUEST, EXIT_OK, command
 from cluster.report_html import REFRESH_S, ReportData, build_report
 from cluster.store import ResultsStore
 from cluster.tune_cv import mean_rows
+from trainers.configtools import records_of
 
 REPORT = "report.html"
 
@@ -78,8 +79,9 @@ def _report(args) -> int:
         print(f"raysweep report: no trials.parquet under {store.uri}: EXPERIMENT must be a search's "
               "directory (raysweep tune writes one; a train run has no report)", file=sys.stderr)
         return EXIT_BAD_REQUEST
-    running = store.read_json("best.json") is None  # best.json is written when the search ends
-    where = write_report(store, live=running)
+    with records_of(store.uri):
+        running = store.read_json("best.json") is None  # best.json is written when the search ends
+        where = write_report(store, live=running)
     print(f"report      {where}{'  (search still running: the page reloads itself)' if running else ''}")
     if args.open:
         local = store.local_path(REPORT)

@@ -11,6 +11,7 @@ import pyarrow as pa
 from cluster.cli import EXIT_BAD_REQUEST, EXIT_OK, command, non_negative_int
 from cluster.store import ResultsStore
 from trainers.config import EARLY_STOP_METRICS
+from trainers.configtools import records_of
 
 FORMATS = ("table", "csv", "json")
 
@@ -59,6 +60,11 @@ def run_metric(summary: dict) -> str:
 def _results(args) -> int:
     storage, name = split_experiment(args.experiment)
     store = ResultsStore(storage, name, role="EXPERIMENT")
+    with records_of(store.uri):
+        return _show(args, store)
+
+
+def _show(args, store: ResultsStore) -> int:
     trials = store.read_table("trials.parquet")
     if trials is None:
         history = store.read_table("history.parquet")
@@ -76,7 +82,7 @@ def _results(args) -> int:
     if args.format == "table" and summary.get("cpu_seconds") is not None:  # csv and json stay plain rows
         from cluster.cost import describe
 
-        stopped = f"; stopped: {summary['stop_reason']}" if summary.get("stop_reason") else ""
+        stopped = f"; stopped: {str(summary['stop_reason'])[:200]}" if summary.get("stop_reason") else ""
         print(f"used {describe(summary)}{stopped}")
     return EXIT_OK
 

@@ -443,3 +443,26 @@ def test_a_checkpoint_whose_meta_or_weights_are_wrong_is_refused_naming_the_part
         extra = ["--data", "digits"] if command == "predict" else []
         code, err = run_cli([command, "--checkpoint", ckpt, "--out", str(tmp_path / f"{case}.out"), *extra], capsys)
         assert code == 2 and expected in err and "unexpected error" not in err, (case, err)
+
+
+def test_records_of_a_shape_raysweep_never_writes_are_refused_naming_the_run(tmp_path, capsys, monkeypatch):
+    """results and report read raysweep's own tables and records; a field changed by hand is
+    one clear refusal (exit 2), not a traceback from the code that used it."""
+    import json
+
+    monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
+    trials = pa.table({"trial_id": ["a"], "best_val_accuracy": [0.5]})  # no status column
+    cases = {"costs": ({"best.json": {"cpu_seconds": "abc"}}, "results"),
+             "config": ({"summary.json": {"config": "x"}}, "results"),
+             "no_status": ({"best.json": {"metric": "val_accuracy", "mode": "max"}}, "report")}
+    for name, (records, command) in cases.items():
+        run = tmp_path / name
+        run.mkdir()
+        for file, record in records.items():
+            (run / file).write_text(json.dumps(record))
+        if "summary.json" in records:
+            pq.write_table(pa.table({"epoch": [1], "val_accuracy": [0.5]}), run / "history.parquet")
+        else:
+            pq.write_table(trials, run / "trials.parquet")
+        code, err = run_cli([command, str(run)], capsys)
+        assert code == 2 and f"{run}: its tables or records are not as raysweep writes them" in err, (name, err)

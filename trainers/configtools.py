@@ -6,6 +6,7 @@ Every problem is collected, not raised one at a time, so a user sees all of them
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -164,6 +165,21 @@ def reading(path: Any, role: str = ""):
         raise
     except FILE_ERRORS as e:
         raise FileReadError([file_problem(path, e, role)]) from None
+
+
+@contextlib.contextmanager
+def records_of(where: Any):
+    """Around code that uses raysweep's own tables and records (``results``, ``report``): a
+    field of a shape raysweep never writes (changed by hand, or another tool's file) becomes
+    one ``FileReadError`` naming the run, not a traceback from deep inside the code using it."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        reason = clean_error(f"{type(e).__name__}: {e}").replace("\n", " ")[:200]
+        raise FileReadError([f"{where}: its tables or records are not as raysweep writes them ({reason}); they "
+                             "were changed, or are not raysweep's"]) from None
 
 
 def _is_optional(hint) -> tuple[bool, Any]:
