@@ -27,6 +27,7 @@ from cluster.predict_inputs import UNKNOWN_CLASSES, Inputs, load_checkpoint, pla
 from cluster.predict_report import (PredictError, confusion_png, format_report, output_schema, side_file,
                                     write_predictions)
 from trainers.checkpoints import CheckpointError
+from trainers.configtools import ConfigError, out_file_problem
 from trainers.distributed import times_fitting as how_many  # actors that fit: one rule with tune's trials
 from trainers.inference import (EXPORT_FORMATS, InferenceError, classifier_from_state, inference_precision,
                                 predict, tta_level)
@@ -117,8 +118,8 @@ class PredictRequest:
             out.append(f"--unknown-classes: {self.unknown_classes!r} is not one of {', '.join(UNKNOWN_CLASSES)}")
         if self.tta is not None and self.tta not in TTA:
             out.append(f"--tta: {self.tta!r} is not one of {', '.join(TTA.names())}")
-        if self.out.is_dir():
-            out.append(f"--out: {str(self.out)!r} is a directory; give a file name such as predictions.parquet")
+        if problem := out_file_problem(self.out):
+            out.append(problem + (" such as predictions.parquet" if problem.endswith("give a file name in it") else ""))
         return out
 
 
@@ -309,6 +310,8 @@ def _export_arguments(p) -> None:
 
 @command("export", "write a checkpoint as one file plain PyTorch loads (network + preprocessing + classes)")(_export_arguments)
 def _export(args) -> int:
+    if problem := out_file_problem(args.out):
+        raise ConfigError([problem])
     try:
         state, where, how = load_checkpoint(_checkpoint_of(args))
     except (CheckpointError, InferenceError) as e:

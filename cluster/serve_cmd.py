@@ -47,7 +47,8 @@ def _serve_arguments(p) -> None:
 def options_from(args) -> ServeOptions:
     return ServeOptions(host=args.host, port=args.port, replicas=args.replicas,
                         autoscale=parse_autoscale(args.autoscale) if args.autoscale else None, gpu=args.gpu,
-                        max_batch=args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20), top_k=args.top_k,
+                        max_batch=args.max_batch, max_body_bytes=int(min(args.max_body_mb, 2**30) * 2**20),
+                        top_k=args.top_k,
                         cpus_per_replica=args.cpus_per_replica)
 
 

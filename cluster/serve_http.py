@@ -32,6 +32,9 @@ class HttpError(Exception):
         self.status, self.reason = status, reason
 
 
+MAX_BODY_LIMIT = 1024 * 2**20  # what --max-body-mb may raise the limit to
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """How the application is deployed (``raysweep serve``'s flags)."""
@@ -57,8 +60,11 @@ class ServeOptions:
             out.append(f"--autoscale: {self.autoscale[0]}:{self.autoscale[1]} needs 0 <= MIN <= MAX and MAX >= 1")
         if self.max_batch < 1:
             out.append(f"--max-batch: {self.max_batch} must be >= 1")
-        if self.max_body_bytes < 1:
-            out.append(f"--max-body-mb: {self.max_body_bytes / 2**20:g} must be > 0")
+        if not 1 <= self.max_body_bytes <= MAX_BODY_LIMIT:
+            out.append(f"--max-body-mb: {self.max_body_bytes / 2**20:g} must be > 0 and at most "
+                       f"{MAX_BODY_LIMIT // 2**20} (a request body is held in memory)")
+        if not self.host or "\0" in self.host or not self.host.isprintable():
+            out.append(f"--host: {self.host!r} is not a host name or address; e.g. 127.0.0.1")
         if self.top_k < 1:
             out.append(f"--top-k: {self.top_k} must be >= 1")
         return out

@@ -376,6 +376,12 @@ def _probed_inputs(tmp_path):
         "a job address with a port out of range": (["jobs", "list", "--address", "http://127.0.0.1:99999"],
                                                    "not a valid address (Port out of range"),
         "a Ray address that names no host": (["serve", "status", "--address", "ray://"], "names no host"),
+        "export to a directory": (["export", "--checkpoint", str(runs["ckpt_int"]), "--out", str(tmp_path)],
+                                  "is a directory; give a file name"),
+        "predict under a file": (["predict", "--checkpoint", str(runs["ckpt_int"]), "--data", "digits", "--out",
+                                  write("afile", "x") + "/p.parquet"], "is a file, so"),
+        "a body limit past 1 GiB": (["serve", "--checkpoint", "x", "--max-body-mb", "1e308"], "--max-body-mb: "),
+        "a host with a NUL byte": (["serve", "--checkpoint", "x", "--host", "a\0b"], "--host: 'a\\x00b'"),
     }
 
 
@@ -388,7 +394,8 @@ def _probed_inputs(tmp_path):
                                   "~user unknown in --space", "~user unknown in data.root",
                                   "a name longer than allowed", "a negative data seed", "a seed Optuna cannot take",
                                   "a synthetic set too big to make", "a job address with a port out of range",
-                                  "a Ray address that names no host"])
+                                  "a Ray address that names no host", "export to a directory", "predict under a file",
+                                  "a body limit past 1 GiB", "a host with a NUL byte"])
 def test_probed_inputs_give_exit_2_naming_what_is_wrong(case, tmp_path, capsys, no_ray, monkeypatch):
     monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
     argv, expected = _probed_inputs(tmp_path)[case]

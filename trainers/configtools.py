@@ -135,6 +135,23 @@ def user_path(text: Any, field: str) -> Path:
 NAME_BYTES, PATH_BYTES = 255, 4095  # Linux's NAME_MAX and PATH_MAX - 1
 
 
+def out_file_problem(out: Any, option: str = "--out") -> str | None:
+    """Why a file cannot be written at ``out`` (None: it can be tried): a directory there, or a
+    file where one of its parent directories would have to be."""
+    try:
+        path = user_path(out, option)
+    except ConfigError as e:
+        return e.problems[0]
+    if path.is_dir():
+        return f"{option}: {str(path)!r} is a directory; give a file name in it"
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{option}: {str(parent)!r} is a file, so {str(path)!r} cannot be made under it"
+            break
+    return None
+
+
 def capped_lines(text: str) -> str:
     """Each line of an error message cut to ``PROBLEM_CHARS`` (a value repeated in full is cut)."""
     return "\n".join(_capped(line) for line in text.splitlines())
