@@ -20,7 +20,7 @@ from cluster.store import ResultsStore
 from cluster.tables import EPOCHS_SCHEMA, EpochLog
 from search_spaces.cv import FOLD_STD_METRICS, check_cv_data, fold_indices, folds_digest, pool
 from trainers.config import EARLY_STOP_METRICS
-from trainers.configtools import ConfigError
+from trainers.configtools import ConfigError, FileReadError
 
 FOLD = "fold"
 CV_PLAN = "cv.json"
@@ -83,6 +83,9 @@ def keep_cv_plan(store: ResultsStore, req, data, data_config: dict) -> None:
     between with and without --cv."""
     k = req.search.cv
     before = store.read_json(CV_PLAN)
+    if before is not None and not (isinstance(before.get("folds"), int) and isinstance(before.get("seed"), int)):
+        raise FileReadError([f"{store.uri}/{CV_PLAN}: its folds and seed are not as raysweep writes them; the file "
+                             "was changed, or is not raysweep's"])
     if req.resume and (before is None) != (k is None):
         now, then = (f"--cv {k}", "without --cv") if k else ("no --cv", f"with --cv {before['folds']}")
         raise ConfigError([f"--resume: {store.uri} was searched {then}; resume it the same way ({now} given)"])

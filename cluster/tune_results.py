@@ -25,7 +25,7 @@ from search_spaces.stop_rules import STOPPED
 from search_spaces.tuner import CHECKPOINT_PATH_KEY
 from trainers.distributed import checkpoint_uri
 from trainers.config import EARLY_STOP_METRICS
-from trainers.configtools import ConfigError, clean_error
+from trainers.configtools import ConfigError, clean_error, records_of
 from trainers.loop import STOP_DIVERGED, STOP_EARLY
 
 COMPLETED, EARLY_STOPPED, DIVERGED, FAILED, RUNNING = "completed", "early_stopped", "diverged", "failed", "running"
@@ -352,9 +352,16 @@ def trial_checkpoint(experiment: str, trial_id: str) -> str:
     """``--checkpoint EXPERIMENT --trial ID``: that trial's checkpoint (its best epoch's, as
     ``trials.parquet`` holds it), e.g. any trial of a Pareto front. Refused with the known
     ids (the front's first) when the trial or its checkpoint is missing."""
-    from cluster.results_cmd import front_first, split_experiment
+    from cluster.results_cmd import split_experiment
 
     store = ResultsStore(*split_experiment(experiment))
+    with records_of(store.uri):
+        return _trial_checkpoint(store, experiment, trial_id)
+
+
+def _trial_checkpoint(store: ResultsStore, experiment: str, trial_id: str) -> str:
+    from cluster.results_cmd import front_first
+
     table = store.read_table("trials.parquet")
     if table is None:
         raise ConfigError([f"--trial: {experiment} holds no trials.parquet (not a tune experiment); drop --trial "

@@ -18,7 +18,7 @@ import copy
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from trainers.configtools import ConfigError
+from trainers.configtools import ConfigError, shown
 
 __all__ = ["ConfigError", "export", "predict", "results", "serve", "train", "tune"]
 
@@ -31,6 +31,12 @@ def run_values(config: str | Path | Mapping | None, overrides: Overrides | None)
     from trainers.config import load_run_values
     from trainers.configtools import merge, set_path
 
+    if not (config is None or isinstance(config, (str, Path, Mapping))):
+        raise ConfigError([f"config: {shown(config)} is neither a YAML file's path nor a mapping of settings"])
+    if not (overrides is None or isinstance(overrides, Mapping) or (
+            isinstance(overrides, (list, tuple)) and all(isinstance(o, str) for o in overrides))):
+        raise ConfigError([f"overrides: {shown(overrides)} is neither a mapping such as {{'optim.lr': 0.01}} nor a "
+                           "list of 'key=value' texts"])
     by_key = overrides if isinstance(overrides, Mapping) else {}
     texts = [] if isinstance(overrides, Mapping) else list(overrides or ())
     values = load_run_values(str(config) if isinstance(config, (str, Path)) else None, texts)
@@ -121,11 +127,13 @@ def tune(space: str | Path, config: str | Path | Mapping | None = None, *, overr
     known = set(SearchConfig.__dataclass_fields__) - {"placement"}
     if unknown := sorted(set(search) - known):
         raise ConfigError([f"tune: unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"])
+    placement = Placement(workers=workers_per_trial, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
+                          gpus_per_worker=gpus_per_worker)
+    if wrong := SearchConfig(placement=placement, **search).type_problems():  # before the lines below use them
+        raise ConfigError(wrong)
     search.setdefault("scheduler", default_scheduler(search.get("objectives")))
     search.setdefault("grace_period", SearchConfig.grace_period)
     search["grace_period"] = min(search["grace_period"], search.get("max_epochs", SearchConfig.max_epochs))
-    placement = Placement(workers=workers_per_trial, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
-                          gpus_per_worker=gpus_per_worker)
     searched = SearchConfig(placement=placement, **search).validate()
     default = f"tune-{safe_name_part(loaded.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
     req = tune_cmd.TuneRequest(loaded, user, searched, storage, _name(name, resume, default), address, resume=resume,

@@ -34,7 +34,7 @@ from search_spaces.stop_rules import StopRules, parse_target
 from trainers.checkpoints import load_state, save_state
 from trainers import ray_private
 from trainers.config import SEED_MAX
-from trainers.configtools import ConfigError, shown
+from trainers.configtools import ConfigError, shown, type_problems
 from trainers.data import ImageData
 from trainers.distributed import Placement, checkpoint_uri, run_training, times_fitting
 from trainers.loop import STOP_DIVERGED, StreamedInputs, WorkerContext, fit
@@ -76,6 +76,8 @@ class SearchConfig:
     first_point: str = "auto"
 
     def problems(self) -> list[str]:
+        if wrong := self.type_problems():
+            return wrong  # the checks below compare numbers
         out = []
         if self.trials < 1:
             out.append(f"--trials: {self.trials} must be >= 1")
@@ -110,6 +112,20 @@ class SearchConfig:
         out += self._stop_rule_problems()
         out += objective_problems(self)
         return out + cv_search_problems(self)
+
+    def type_problems(self) -> list[str]:
+        """The API passes values as given (the CLI's argparse has typed them already)."""
+        objectives = self.objectives
+        if not (objectives is None or isinstance(objectives, str) or (
+                isinstance(objectives, (list, tuple)) and all(isinstance(o, str) for o in objectives))):
+            return [f"--objectives (objectives=): {shown(objectives)} must be text such as "
+                    "'val_accuracy:max,params:min' or a list of such items"]
+        return type_problems(self, whole={"trials": "--trials", "max_epochs": "--max-epochs", "seed": "--seed",
+                                          "grace_period": "--grace-period", "reduction_factor": "--reduction-factor",
+                                          "trial_max_failures": "--trial-retries", "concurrent": "--concurrent",
+                                          "cv": "--cv"},
+                             text={"searcher": "--searcher", "scheduler": "--scheduler",
+                                   "first_point": "--first-point"}, optional=("concurrent", "cv"))
 
     @property
     def goals(self) -> tuple[Goal, ...]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import types
 import typing
 
 import pyarrow as pa
@@ -473,3 +474,37 @@ def test_records_of_a_shape_raysweep_never_writes_are_refused_naming_the_run(tmp
             pq.write_table(trials, run / "trials.parquet")
         code, err = run_cli([command, str(run)], capsys)
         assert code == 2 and f"{run}: its tables or records are not as raysweep writes them" in err, (name, err)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda raysweep, d: raysweep.train(5, storage=d), "config: 5 is neither"),
+    (lambda raysweep, d: raysweep.train(overrides=5, storage=d), "overrides: 5 is neither"),
+    (lambda raysweep, d: raysweep.tune("digits_cnn", trials="x", storage=d), "--trials (trials=): 'x' must be a whole"),
+    (lambda raysweep, d: raysweep.tune("digits_cnn", objectives=5, storage=d), "--objectives (objectives=): 5 must"),
+    (lambda raysweep, d: raysweep.tune("digits_cnn", seed=1.5, storage=d), "--seed (seed=): 1.5 must be a whole"),
+])
+def test_the_python_api_refuses_arguments_of_the_wrong_type(call, words, tmp_path, no_ray):
+    """The API passes values as given: a wrong type is a ConfigError naming it, not a TypeError
+    from deep inside, nor (for train's config) silently ignored."""
+    import raysweep
+
+    with pytest.raises(ConfigError) as err:
+        call(raysweep, str(tmp_path))
+    assert words in str(err.value)
+
+
+def test_trial_lookups_and_resumes_refuse_tables_and_plans_raysweep_never_writes(tmp_path, capsys, no_ray,
+                                                                                monkeypatch):
+    monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    pq.write_table(pa.table({"id": ["t1"]}), exp / "trials.parquet")  # no trial_id column
+    code, err = run_cli(["export", "--checkpoint", str(exp), "--trial", "t1", "--out", str(tmp_path / "m.pt")], capsys)
+    assert code == 2 and f"{exp}: its tables or records are not as raysweep writes them" in err, err
+    from cluster.store import ResultsStore
+    from cluster.tune_cv import CV_PLAN, keep_cv_plan
+
+    store = ResultsStore(str(tmp_path), "exp")
+    store.write_json(CV_PLAN, {"folds": "two"})
+    with pytest.raises(ConfigError, match="cv.json: its folds and seed are not as raysweep writes them"):
+        keep_cv_plan(store, types.SimpleNamespace(search=types.SimpleNamespace(cv=2, seed=0), resume=True), None, {})

@@ -152,6 +152,21 @@ def out_file_problem(out: Any, option: str = "--out") -> str | None:
     return None
 
 
+def type_problems(obj: Any, whole: Mapping[str, str], text: Mapping[str, str] = {},
+                  optional: Iterable[str] = ()) -> list[str]:
+    """Fields of ``obj`` (name -> the flag that sets it) that are not whole numbers / text, for
+    settings a Python caller passes as given; ``optional`` ones may be None."""
+    def wrong(name: str, ok) -> bool:
+        value = getattr(obj, name)
+        return not ok(value) and not (value is None and name in optional)
+
+    is_whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    return ([f"{flag} ({name}=): {shown(getattr(obj, name))} must be a whole number"
+             for name, flag in whole.items() if wrong(name, is_whole)]
+            + [f"{flag} ({name}=): {shown(getattr(obj, name))} must be text"
+               for name, flag in text.items() if wrong(name, lambda v: isinstance(v, str))])
+
+
 def capped_lines(text: str) -> str:
     """Each line of an error message cut to ``PROBLEM_CHARS`` (a value repeated in full is cut)."""
     return "\n".join(_capped(line) for line in text.splitlines())
