@@ -186,8 +186,12 @@ def _parquet_labels(f: str, pfile, classes: list[str], unknown: str, spec: str):
     """One file's (label map: file label -> model class index, labelled rows, skipped rows,
     names of classes the model lacks). A file names its classes in its ``classes`` metadata;
     without it, its labels index the model's classes."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
+    if not pa.types.is_integer(kind := pfile.schema_arrow.field("label").type):
+        raise DataError(f"--data {spec!r}: {f}: the 'label' column is {kind}; labels are whole numbers (class "
+                        "indices)")
     valid = pc.drop_null(pfile.read(columns=["label"]).column("label")).to_numpy()
     metadata = pfile.schema_arrow.metadata or {}
     top = int(valid.max(initial=-1)) + 1

@@ -342,7 +342,16 @@ def _probed_inputs(tmp_path):
         run.mkdir()
         (run / "best.json").write_text(record)
     pq.write_table(pa.table({"trial_id": ["a"], "best_val_accuracy": [0.5]}), runs["best_str"] / "trials.parquet")
+    labels_as_text = tmp_path / "pq"
+    labels_as_text.mkdir()
+    pq.write_table(pa.table({"image": [b"x"] * 4, "label": ["a", "b", "a", "b"]}), labels_as_text / "part-0.parquet")
+    (tmp_path / "cifar" / "cifar-10-batches-py").mkdir(parents=True)
+    (tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"not a pickle")
     return {
+        "parquet labels that are text": (["train", "--set", "data.name=parquet", "--set", f"data.root={labels_as_text}"],
+                                         "the 'label' column is string"),
+        "a corrupt CIFAR-10 archive": (["train", "--set", "data.name=cifar10", "--set", f"data.root={tmp_path}/cifar"],
+                                       "data: cifar10 at"),
         "a date no calendar has": (["train", "--config", write("date.yaml", "train:\n  seed: 2001-13-45\n")],
                                    "date.yaml: not valid YAML (ValueError"),
         "a tag its text cannot build": (["train", "--set", "optim.lr=!!int x"], "not valid YAML (ValueError"),
@@ -396,7 +405,8 @@ def _probed_inputs(tmp_path):
                                   "a name longer than allowed", "a negative data seed", "a seed Optuna cannot take",
                                   "a synthetic set too big to make", "a job address with a port out of range",
                                   "a Ray address that names no host", "export to a directory", "predict under a file",
-                                  "a body limit past 1 GiB", "a host with a NUL byte"])
+                                  "a body limit past 1 GiB", "a host with a NUL byte", "parquet labels that are text",
+                                  "a corrupt CIFAR-10 archive"])
 def test_probed_inputs_give_exit_2_naming_what_is_wrong(case, tmp_path, capsys, no_ray, monkeypatch):
     monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
     argv, expected = _probed_inputs(tmp_path)[case]

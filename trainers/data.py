@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from trainers.config import DataConfig
-from trainers.configtools import clean_error, user_path
+from trainers.configtools import ConfigError, clean_error, user_path
 from trainers.preprocess import resize, to_channels
 from trainers.registry import Registry
 
@@ -66,7 +66,14 @@ DATASETS: Registry = Registry("data set")
 
 def load_data(cfg: DataConfig) -> ImageData:
     """Load, check and split the data set named by ``cfg.name``."""
-    train, test, classes = DATASETS[cfg.name](cfg)
+    try:
+        train, test, classes = DATASETS[cfg.name](cfg)
+    except (DataError, ConfigError):
+        raise
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as e:  # a loader's own parser gave up
+        reason = clean_error(f"{type(e).__name__}: {e}").replace("\n", " ")[:200]
+        raise DataError(f"data: {cfg.name} at {cfg.root or 'its default place'!r} cannot be loaded ({reason})") \
+            from None
     _check_labels(train, classes, cfg.name)
     gen = torch.Generator().manual_seed(cfg.seed)
     if test is None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
@@ -113,6 +114,8 @@ def parquet_classes(fs: pafs.FileSystem, files: tuple[str, ...]) -> list[str]:
         return decode_classes(meta[b"classes"].decode())
     if "label" not in first.schema_arrow.names:
         raise DataError(f"{files[0]}: no 'label' column; found {first.schema_arrow.names}")
+    if not pa.types.is_integer(kind := first.schema_arrow.field("label").type):
+        raise DataError(f"{files[0]}: the 'label' column is {kind}; labels are whole numbers (class indices)")
     top = max(int(np.max(_parquet_file(fs, f).read(columns=["label"]).column("label").to_numpy(), initial=0))
               for f in files)
     return [str(i) for i in range(top + 1)]
