@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cluster.convert_images import ProgressBar, cover_and_crop, decode_with_pil, encode, short_error, with_channels
-from trainers.configtools import ConfigError, json_record, user_path
+from trainers.configtools import ConfigError, json_record, shown, user_path
 from trainers.data import IMAGE_SUFFIXES, DataError, decode_image
 from trainers.uris import file_info as _info
 from trainers.uris import open_location
@@ -59,10 +59,13 @@ class ConvertConfig:
 
     def __post_init__(self):
         problems = []
-        if not self.shard_mb > 0:
-            problems.append(f"shard_mb: {self.shard_mb} must be > 0 (MiB of encoded images per shard, e.g. 128)")
-        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
-            problems.append(f"image_size: {self.image_size} must be two positive integers H W, e.g. 224 224")
+        if not 0 < self.shard_mb <= 64 * 1024:
+            problems.append(f"shard_mb: {self.shard_mb} must be > 0 and at most 65536 (MiB of encoded images per "
+                            "shard, e.g. 128)")
+        if self.image_size is not None and (len(self.image_size) != 2 or not all(1 <= v <= 4096
+                                                                                 for v in self.image_size)):
+            problems.append(f"image_size: {shown(self.image_size)} must be two whole numbers H W in 1..4096, "
+                            "e.g. 224 224")
         if self.format not in FORMATS:
             problems.append(f"format: {self.format!r} is not one of {list(FORMATS)}")
         if self.format == "keep" and self.image_size is not None:

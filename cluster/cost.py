@@ -24,7 +24,8 @@ import yaml
 from ray.tune.stopper import Stopper
 
 from trainers.configtools import ConfigError, FileReadError, shown
-from trainers.yamlfile import CONSTRUCTOR_ERRORS, MAX_YAML_BYTES, check_regular, constructor_problem
+from trainers.yamlfile import (CONSTRUCTOR_ERRORS, MAX_YAML_BYTES, UniqueKeyLoader, check_regular,
+                               constructor_problem)
 
 PRICE_EXAMPLE = "gpu_hour=1.2,cpu_hour=0.05"
 USAGE_KEYS = ("cpu_seconds", "gpu_seconds", "cost")
@@ -152,10 +153,12 @@ def _documents(path: str, flag: str) -> list:
     try:
         # SafeLoader, aliases allowed: KubeRay files share blocks with them (k8s/raycluster.yaml
         # does). An alias is a reference, not a copy, and only a few keys are read here.
-        return [d for d in yaml.safe_load_all(text) if d is not None]
+        return [d for d in yaml.load_all(text, Loader=UniqueKeyLoader) if d is not None]
     except yaml.YAMLError as e:
-        raise ConfigError([f"{flag} {path}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__})"]) \
-            from None
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError([f"{flag} {path}{where}: not valid YAML ({problem})"]) from None
     except RecursionError:
         raise ConfigError([f"{flag} {path}: YAML nested too deeply; give the cluster file"]) from None
     except CONSTRUCTOR_ERRORS as e:

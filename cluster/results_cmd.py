@@ -11,7 +11,7 @@ import pyarrow as pa
 from cluster.cli import EXIT_BAD_REQUEST, EXIT_OK, command, non_negative_int
 from cluster.store import ResultsStore
 from trainers.config import EARLY_STOP_METRICS
-from trainers.configtools import records_of
+from trainers.configtools import ConfigError, records_of
 
 FORMATS = ("table", "csv", "json")
 
@@ -20,6 +20,10 @@ def split_experiment(experiment: str) -> tuple[str, str]:
     """``runs/tune-x`` or ``s3://bucket/runs/tune-x`` -> (storage, name)."""
     trimmed = experiment.rstrip("/")
     storage, _, name = trimmed.rpartition("/")
+    _, uri, rest = experiment.partition("://")
+    if not name or (uri and "/" not in rest.strip("/")):  # "s3://", "file://", "s3://bucket": no run named
+        raise ConfigError([f"EXPERIMENT {experiment!r}: names no run; give its directory, e.g. runs/tune-x or "
+                           "s3://bucket/runs/tune-x"])
     return storage or ".", name
 
 

@@ -352,6 +352,13 @@ def _probed_inputs(tmp_path):
                                          "the 'label' column is string"),
         "a corrupt CIFAR-10 archive": (["train", "--set", "data.name=cifar10", "--set", f"data.root={tmp_path}/cifar"],
                                        "data: cifar10 at"),
+        "a key given twice": (["train", "--config", write("twice.yaml", "optim:\n  lr: 0.1\n  lr: 0.2\n")],
+                              "twice.yaml, line 3: not valid YAML (the key 'lr' is given twice"),
+        "a price file with a key given twice": (["train", "--price", write("ptwice.yaml", "a: 1\na: 2\n")],
+                                                "line 2: not valid YAML (the key 'a' is given twice"),
+        "results of a bucket, not a run": (["results", "s3://"], "EXPERIMENT 's3://': names no run"),
+        "convert to a size past 4096": (["data", "convert", str(tmp_path), str(tmp_path / "out"), "--image-size",
+                                         "1" + "0" * 30, "4"], "image_size: "),
         "a date no calendar has": (["train", "--config", write("date.yaml", "train:\n  seed: 2001-13-45\n")],
                                    "date.yaml: not valid YAML (ValueError"),
         "a tag its text cannot build": (["train", "--set", "optim.lr=!!int x"], "not valid YAML (ValueError"),
@@ -406,7 +413,8 @@ def _probed_inputs(tmp_path):
                                   "a synthetic set too big to make", "a job address with a port out of range",
                                   "a Ray address that names no host", "export to a directory", "predict under a file",
                                   "a body limit past 1 GiB", "a host with a NUL byte", "parquet labels that are text",
-                                  "a corrupt CIFAR-10 archive"])
+                                  "a corrupt CIFAR-10 archive", "a key given twice", "a price file with a key given twice",
+                                  "results of a bucket, not a run", "convert to a size past 4096"])
 def test_probed_inputs_give_exit_2_naming_what_is_wrong(case, tmp_path, capsys, no_ray, monkeypatch):
     monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
     argv, expected = _probed_inputs(tmp_path)[case]

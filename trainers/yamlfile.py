@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from trainers.configtools import ConfigError, FileReadError, file_problem
+from trainers.configtools import ConfigError, FileReadError, file_problem, shown
 
 MAX_YAML_BYTES = 1 << 20  # 1 MiB
 
@@ -25,8 +25,26 @@ class _AliasFound(yaml.YAMLError):
         self.mark, self.what = mark, what
 
 
-class NoAliasLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader that raises at the first anchor or alias event."""
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that refuses a key given twice in one mapping (it would silently
+    keep the last: a setting written twice is a mistake the user should see)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {shown(key)} is given twice in one mapping", key_node.start_mark)
+            except TypeError:  # an unhashable key: SafeConstructor says so itself
+                continue
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class NoAliasLoader(UniqueKeyLoader):
+    """The loader of raysweep's own files: unique keys, and a raise at the first anchor or alias event."""
 
     def compose_node(self, parent, index):
         event = self.peek_event()
