@@ -33,7 +33,7 @@ from search_spaces.space import SearchSpace
 from search_spaces.stop_rules import StopRules, parse_target
 from trainers.checkpoints import load_state, save_state
 from trainers import ray_private
-from trainers.config import SEED_MAX
+from trainers.config import EPOCHS_MAX, SEED_MAX
 from trainers.configtools import ConfigError, shown, type_problems
 from trainers.data import ImageData
 from trainers.distributed import Placement, checkpoint_uri, run_training, times_fitting
@@ -83,8 +83,8 @@ class SearchConfig:
             out.append(f"--trials: {self.trials} must be >= 1")
         if not 0 <= self.seed <= SEED_MAX:
             out.append(f"--seed: {shown(self.seed)} must lie in 0..{SEED_MAX} (what Optuna's samplers take)")
-        if self.max_epochs < 1:
-            out.append(f"--max-epochs: {self.max_epochs} must be >= 1")
+        if not 1 <= self.max_epochs <= EPOCHS_MAX:
+            out.append(f"--max-epochs: {self.max_epochs} must lie in 1..{EPOCHS_MAX} (the bound of train.epochs)")
         if self.searcher not in SEARCHERS:
             out.append(f"--searcher: {self.searcher!r} is not one of {', '.join(SEARCHERS)}")
         if self.scheduler not in SCHEDULERS:

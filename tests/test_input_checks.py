@@ -13,6 +13,7 @@ import typing
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from cluster import cli
 from cluster.guard import check_run_target
@@ -345,6 +346,9 @@ def _probed_inputs(tmp_path):
     labels_as_text = tmp_path / "pq"
     labels_as_text.mkdir()
     pq.write_table(pa.table({"image": [b"x"] * 4, "label": ["a", "b", "a", "b"]}), labels_as_text / "part-0.parquet")
+    (tmp_path / "one_class" / "cat").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / "one_class" / "cat" / f"{i}.png")
     (tmp_path / "cifar" / "cifar-10-batches-py").mkdir(parents=True)
     (tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"not a pickle")
     return {
@@ -399,6 +403,11 @@ def _probed_inputs(tmp_path):
                                   write("afile", "x") + "/p.parquet"], "is a file, so"),
         "a body limit past 1 GiB": (["serve", "--checkpoint", "x", "--max-body-mb", "1e308"], "--max-body-mb: "),
         "a host with a NUL byte": (["serve", "--checkpoint", "x", "--host", "a\0b"], "--host: 'a\\x00b'"),
+        "an empty --config": (["train", "--config", ""], "--config: an empty path"),
+        "a folder of one class": (["train", "--set", "data.name=imagefolder", "--set",
+                                   f"data.root={tmp_path / 'one_class'}"], "has 1 class (cat); a classifier needs"),
+        "--max-epochs past the epoch bound": (["tune", "--space", "digits_cnn", "--max-epochs", "20000"],
+                                              "--max-epochs: 20000 must lie in 1..10000"),
     }
 
 
@@ -414,12 +423,23 @@ def _probed_inputs(tmp_path):
                                   "a Ray address that names no host", "export to a directory", "predict under a file",
                                   "a body limit past 1 GiB", "a host with a NUL byte", "parquet labels that are text",
                                   "a corrupt CIFAR-10 archive", "a key given twice", "a price file with a key given twice",
-                                  "results of a bucket, not a run", "convert to a size past 4096"])
+                                  "results of a bucket, not a run", "convert to a size past 4096",
+                                  "an empty --config", "--max-epochs past the epoch bound", "a folder of one class"])
 def test_probed_inputs_give_exit_2_naming_what_is_wrong(case, tmp_path, capsys, no_ray, monkeypatch):
     monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
     argv, expected = _probed_inputs(tmp_path)[case]
     code, err = run_cli(argv + (["--storage", str(tmp_path / "runs")] if argv[0] in ("train", "tune") else []), capsys)
     assert code == 2 and expected in err and "unexpected error" not in err and "Traceback" not in err, err
+
+
+def test_gcs_storage_without_credentials_is_refused_in_seconds(tmp_path, capsys, no_ray, monkeypatch):
+    """Arrow's GCS client retries for 15 minutes by default: a machine without credentials or
+    network hung the storage check that long. Here (no network) it must answer in seconds."""
+    monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
+    start = time.monotonic()
+    code, err = run_cli(["train", "--storage", "gs://raysweep-no-such-bucket/runs"], capsys)
+    assert code == 2 and "--storage gs://raysweep-no-such-bucket/runs: cannot be read" in err, err
+    assert time.monotonic() - start < 90
 
 
 def _broken_checkpoints(tmp_path) -> dict[str, tuple[str, str]]:

@@ -47,6 +47,7 @@ def _size_problem(size) -> str | None:
 
 
 SEED_MAX = 2**32 - 1  # what numpy's and Optuna's seeds take
+EPOCHS_MAX = 10_000  # train.epochs and tune's --max-epochs: bounds what a config can make us run
 SYNTHETIC_BYTES = 4 * 2**30  # the synthetic set is made at once in float32
 
 
@@ -320,7 +321,7 @@ class TrainConfig:
     def problems(self) -> list[str]:
         return _drop_none(
             [
-                range_problem("epochs", self.epochs, 1, 10_000),
+                range_problem("epochs", self.epochs, 1, EPOCHS_MAX),
                 range_problem("batch_size", self.batch_size, 1, 65_536),
                 range_problem("seed", self.seed, 0, SEED_MAX),
                 choice_problem("precision", self.precision, PRECISIONS, "precision"),
@@ -370,7 +371,7 @@ def load_run_values(path: str | None = None, overrides: tuple[str, ...] | list[s
     makes a valid config; ``load_run_config`` builds the config from it."""
     from trainers.configtools import ConfigError, load_yaml, parse_override, set_path
 
-    values = load_yaml(path) if path else {}
+    values = load_yaml(path) if path is not None else {}  # '' is refused, not ignored
     problems = []
     for text in overrides:
         try:

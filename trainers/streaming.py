@@ -378,8 +378,18 @@ def load_for_training(cfg) -> "ImageData | StreamPlan":
         if data_cfg.is_uri:
             raise DataError(f"data.streaming=false: {data_cfg.root!r} is a URI, which only streams; "
                             "set data.streaming=auto, or copy the set to a local path")
-        return load_data(data_cfg)
+        return _trainable(load_data(data_cfg), data_cfg)
     if cfg.augment.alternate_flip:
         raise DataError("augment.alternate_flip: needs the in-memory path (each image's flip alternates by its "
                         "index); set augment.alternate_flip=false or data.streaming=false")
-    return plan_stream(data_cfg)
+    return _trainable(plan_stream(data_cfg), data_cfg)
+
+
+def _trainable(data, data_cfg):
+    """``data`` if a classifier can learn from it: one class (a folder of one subfolder) trained
+    to a meaningless 100% before. Predict may read one class; training may not."""
+    if data.num_classes < 2:
+        raise DataError(f"data: {data_cfg.name} at {data_cfg.root or 'its default place'!r} has "
+                        f"{data.num_classes} class ({', '.join(map(str, data.classes)) or 'none'}); a classifier "
+                        "needs at least 2 (for imagefolder: one subfolder per class)")
+    return data

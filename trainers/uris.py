@@ -14,6 +14,9 @@ from trainers.data import DataError
 # S3 defaults retry for minutes on a dead endpoint; a refused request should say so in seconds.
 # (The request timeout stays the SDK's: a shard's upload may take long.)
 S3_CONNECT_TIMEOUT_S, S3_MAX_ATTEMPTS = 3.0, 3
+# GCS retries for 15 minutes by default, so a machine without credentials or network hung a
+# command's storage check that long. Arrow's GCS URIs take this option; a user's own wins.
+GCS_RETRY_LIMIT_S = 10
 
 
 def short(e: Exception, limit: int = 300) -> str:
@@ -29,7 +32,9 @@ def open_location(location: str, role: str = "data.root") -> tuple[pafs.FileSyst
     if "://" not in location:
         return pafs.LocalFileSystem(), str(user_path(location, role).resolve())
     try:
-        fs, path = pafs.FileSystem.from_uri(location)
+        gcs_default = location.startswith("gs://") and "?" not in location
+        fs, path = pafs.FileSystem.from_uri(f"{location}?retry_limit_seconds={GCS_RETRY_LIMIT_S}"
+                                            if gcs_default else location)
         if isinstance(fs, pafs.S3FileSystem) and "?" not in location:
             # from_uri cannot set timeouts, so rebuild it. from_uri reads AWS_ENDPOINT_URL
             # but the constructor does not (pyarrow 26): pass it on explicitly.

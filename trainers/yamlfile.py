@@ -89,6 +89,8 @@ def check_regular(path: str | Path, source: str) -> None:
     whose error names it."""
     if "\0" in str(path):
         raise FileReadError([f"{source!r}: a path cannot hold a NUL byte"])
+    if not str(path).strip():  # Path("") is ".", so it would not name a file at all
+        raise FileReadError([f"{source.strip()}: an empty path; give a YAML file, or leave the option out"])
     p = Path(path)
     if p.exists() and not p.is_file() and not p.is_dir():
         raise FileReadError([f"{source}: not a regular file (a FIFO, socket or device); give a YAML file"])
