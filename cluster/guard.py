@@ -135,6 +135,9 @@ def check_writable(store: ResultsStore) -> None:
 def check_run_target(storage: str, name: str, resume: bool, command: str) -> ResultsStore:
     """All checks of where a run lands, before Ray starts; returns the run's store."""
     check_name(name)
+    if "://" in storage and "?" in storage:  # the run's URI is <storage>/<name>: a query would swallow it
+        raise ConfigError([f"--storage {shown(storage)}: a URI with options ('?...') cannot take a run name after "
+                           "it; set the options in the environment (e.g. AWS_ENDPOINT_URL) and give the bare URI"])
     store = ResultsStore(storage, name)
     local = isinstance(store.fs, pafs.LocalFileSystem)
     if local and any(p.exists() and not p.is_dir() for p in (Path(store.storage), *Path(store.storage).parents)):

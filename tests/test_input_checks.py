@@ -229,7 +229,8 @@ BAD_FILE_CASES = ["non-UTF-8 config", "directory as config", "directory as space
 @pytest.mark.parametrize("case", BAD_FILE_CASES)
 def test_bad_files_give_exit_2_naming_the_file(case, tmp_path, capsys, no_ray):
     argv, expected = _bad_files(tmp_path)[case]
-    code, err = run_cli(argv + (["--storage", str(tmp_path / "runs")] if argv[0] in ("train", "tune") else []), capsys)
+    own_storage = argv[0] in ("train", "tune") and "--storage" not in argv
+    code, err = run_cli(argv + (["--storage", str(tmp_path / "runs")] if own_storage else []), capsys)
     assert code == 2, err
     assert expected in err
     if case != "directory as space":  # that one is a bad argument (neither a file nor a shipped space)
@@ -404,6 +405,8 @@ def _probed_inputs(tmp_path):
         "a body limit past 1 GiB": (["serve", "--checkpoint", "x", "--max-body-mb", "1e308"], "--max-body-mb: "),
         "a host with a NUL byte": (["serve", "--checkpoint", "x", "--host", "a\0b"], "--host: 'a\\x00b'"),
         "an empty --config": (["train", "--config", ""], "--config: an empty path"),
+        "storage with URI options": (["tune", "--space", "digits_cnn", "--storage", "s3://b/runs?region=x"],
+                                     "a URI with options ('?...') cannot take a run name"),
         "a folder of one class": (["train", "--set", "data.name=imagefolder", "--set",
                                    f"data.root={tmp_path / 'one_class'}"], "has 1 class (cat); a classifier needs"),
         "--max-epochs past the epoch bound": (["tune", "--space", "digits_cnn", "--max-epochs", "20000"],
@@ -424,11 +427,13 @@ def _probed_inputs(tmp_path):
                                   "a body limit past 1 GiB", "a host with a NUL byte", "parquet labels that are text",
                                   "a corrupt CIFAR-10 archive", "a key given twice", "a price file with a key given twice",
                                   "results of a bucket, not a run", "convert to a size past 4096",
-                                  "an empty --config", "--max-epochs past the epoch bound", "a folder of one class"])
+                                  "an empty --config", "--max-epochs past the epoch bound", "a folder of one class",
+                                  "storage with URI options"])
 def test_probed_inputs_give_exit_2_naming_what_is_wrong(case, tmp_path, capsys, no_ray, monkeypatch):
     monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
     argv, expected = _probed_inputs(tmp_path)[case]
-    code, err = run_cli(argv + (["--storage", str(tmp_path / "runs")] if argv[0] in ("train", "tune") else []), capsys)
+    own_storage = argv[0] in ("train", "tune") and "--storage" not in argv
+    code, err = run_cli(argv + (["--storage", str(tmp_path / "runs")] if own_storage else []), capsys)
     assert code == 2 and expected in err and "unexpected error" not in err and "Traceback" not in err, err
 
 
