@@ -11,7 +11,7 @@ from cluster.cli import main
 from cluster.connect import autoscaler_ceiling
 from search_spaces.space import load_space
 from trainers.config import load_run_config
-from trainers.configtools import ConfigError
+from trainers.configtools import PROBLEM_CHARS, ConfigError
 from trainers.yamlfile import MAX_YAML_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_errors_repeat_at_most_80_characters_of_a_value(tmp_path):
     assert len(problem) < 130
     # A message built elsewhere is still capped, its field and its fix kept.
     capped = ConfigError(["field.x: " + "v" * 10_000 + " must be positive; set field.x: 1"]).problems[0]
-    assert len(capped) <= 400 and capped.startswith("field.x: vvv") and capped.endswith("set field.x: 1")
+    assert len(capped) <= PROBLEM_CHARS and capped.startswith("field.x: vvv") and capped.endswith("set field.x: 1")
 
 
 def test_every_shipped_yaml_loads_through_the_loader():

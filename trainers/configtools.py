@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 # (and a YAML bomb, before aliases were refused, gigabytes); echoing it back buries the
 # message that says what to fix.
 SHOWN_CHARS = 80
-PROBLEM_CHARS = 400
+PROBLEM_CHARS = 800  # long enough for a message with its fix (the auth one is ~550)
 
 
 def _bounded_repr() -> reprlib.Repr:
