@@ -42,6 +42,12 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     return code, err
 
 
+def run_cli_in(tmp_path, argv, capsys) -> tuple[int, str]:
+    """``run_cli`` with train and tune given storage under ``tmp_path``, unless a case names its own."""
+    own_storage = argv[0] in ("train", "tune") and "--storage" not in argv
+    return run_cli(argv + (["--storage", str(tmp_path / "runs")] if own_storage else []), capsys)
+
+
 # -- numbers ---------------------------------------------------------------------------
 
 def _float_fields(cls=config_module.TrainRunConfig, prefix=""):
@@ -229,8 +235,7 @@ BAD_FILE_CASES = ["non-UTF-8 config", "directory as config", "directory as space
 @pytest.mark.parametrize("case", BAD_FILE_CASES)
 def test_bad_files_give_exit_2_naming_the_file(case, tmp_path, capsys, no_ray):
     argv, expected = _bad_files(tmp_path)[case]
-    own_storage = argv[0] in ("train", "tune") and "--storage" not in argv
-    code, err = run_cli(argv + (["--storage", str(tmp_path / "runs")] if own_storage else []), capsys)
+    code, err = run_cli_in(tmp_path, argv, capsys)
     assert code == 2, err
     assert expected in err
     if case != "directory as space":  # that one is a bad argument (neither a file nor a shipped space)
@@ -432,8 +437,7 @@ def _probed_inputs(tmp_path):
 def test_probed_inputs_give_exit_2_naming_what_is_wrong(case, tmp_path, capsys, no_ray, monkeypatch):
     monkeypatch.delenv("RAYSWEEP_TRACEBACK", raising=False)
     argv, expected = _probed_inputs(tmp_path)[case]
-    own_storage = argv[0] in ("train", "tune") and "--storage" not in argv
-    code, err = run_cli(argv + (["--storage", str(tmp_path / "runs")] if own_storage else []), capsys)
+    code, err = run_cli_in(tmp_path, argv, capsys)
     assert code == 2 and expected in err and "unexpected error" not in err and "Traceback" not in err, err
 
 
