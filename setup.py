@@ -22,6 +22,7 @@ setup(
         "pandas>=2.0",
     ],
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "duckdb", "polars",
+                            "pytest-xdist>=3.5",  # `make test` runs test modules in 2 processes
                             # 5.2.2: pyarrow's S3 writes fail on 5.2.1 (getmoto/moto#10055)
                             "moto[server]>=5.2.2", "boto3",
                             "optuna-dashboard",  # tests docs/tune.md's claim that it opens a search's journal

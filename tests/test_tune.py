@@ -178,9 +178,12 @@ def test_a_search_where_every_trial_fails_exits_nonzero_with_reasons(tmp_path, c
     assert json.loads((tmp_path / "b" / "best.json").read_text())["status"] == "failed"
 
 
-def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path):
+@pytest.mark.parametrize("cv", [[], ["--cv", "2", "--set", "data.limit=300"]], ids=["plain", "cv"])
+def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path, cv):
+    """Also for a --cv search (each trial's checkpoint is its folds' bundle): the resumed
+    trials keep the search's folds, and no (trial, epoch, fold) row is written twice."""
     cmd = [sys.executable, "-m", "cluster.cli", "tune", "--space", "digits_cnn", "--trials", "6", "--max-epochs", "3",
-           "--scheduler", "none", "--storage", str(tmp_path), "--name", "k", "--concurrent", "1"]
+           "--scheduler", "none", "--storage", str(tmp_path), "--name", "k", "--concurrent", "1", *cv]
     # Its own embedded Ray (not this module's), so killing its process group kills it all.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     log = open(tmp_path / "driver.log", "w")
@@ -202,7 +205,7 @@ def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path):
         log.close()
     before = {r["trial_id"]: r for r in pq.read_table(table).to_pylist() if r["status"] == "completed"}
     assert _tune(tmp_path, "k", "--space", "digits_cnn", "--trials", "6", "--max-epochs", "3", "--scheduler", "none",
-                 "--concurrent", "1", "--resume") == 0
+                 "--concurrent", "1", *cv, "--resume") == 0
     after = {r["trial_id"]: r for r in _trials(tmp_path / "k")}
     # A trial started after Tune's last snapshot (taken at most every 10 s) is not resumed:
     # the search runs 6 others, and that one reads "lost", not "running" for ever.
@@ -212,9 +215,13 @@ def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path):
     for trial_id, row in before.items():  # finished trials kept as they were, not re-run
         assert after[trial_id]["wall_seconds"] == row["wall_seconds"]
     epochs = pq.read_table(tmp_path / "k" / "epochs.parquet").to_pylist()
-    pairs = [(e["trial_id"], e["epoch"]) for e in epochs]
-    assert len(pairs) == len(set(pairs))
-    assert sum(e["trial_id"] in resumed for e in epochs) == 18
+    rows = [(e["trial_id"], e["epoch"], e.get("fold")) for e in epochs]
+    assert len(rows) == len(set(rows))
+    per_epoch = 3 if cv else 1  # a --cv epoch: its fold mean and one row per fold
+    assert sum(e["trial_id"] in resumed for e in epochs) == 18 * per_epoch
+    if cv:  # every trial, before the kill and after, on the search's one fold assignment
+        assert len({r["cv_digest"] for r in resumed.values()}) == 1 and None not in {
+            r["cv_digest"] for r in resumed.values()}
 
 
 def test_a_cpu_hours_budget_stops_the_search_and_records_why(tmp_path, capsys):
