@@ -29,6 +29,18 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))
 
 
+@pytest.fixture
+def no_ray_before():
+    """For a test that checks a refused request started no Ray: shuts down the Ray an
+    earlier module left up in this process (the CLI keeps its own up), whichever ran before."""
+    import ray
+
+    from cluster.connect import forget_dashboard_address
+
+    ray.shutdown()
+    forget_dashboard_address()
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A real local Ray with 2 CPUs and the dashboard (Ray Train's cleanup of stopped

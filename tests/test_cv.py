@@ -76,7 +76,7 @@ def test_fold_rows_take_the_best_epoch_by_the_checkpoint_metric_and_the_last_one
     (["--cv-refit"], "--cv-refit: refits after cross-validation; add --cv K"),
     (["--cv", "3", "--tensorboard"], "--mlflow/--tensorboard: not available with --cv"),
 ])
-def test_bad_cv_requests_exit_2_before_ray_starts(tmp_path, capsys, args, words):
+def test_bad_cv_requests_exit_2_before_ray_starts(tmp_path, capsys, args, words, no_ray_before):
     import ray
 
     from cluster.cli import main
@@ -96,7 +96,7 @@ def test_cv_refuses_a_streamed_set_whose_val_split_is_fixed(tiny_parquet, tmp_pa
     assert code == 2 and "--cv: this data set streams" in err and "data.streaming=false" in err, err
 
 
-def test_the_python_api_refuses_bad_cv_arguments_before_ray(tmp_path):
+def test_the_python_api_refuses_bad_cv_arguments_before_ray(tmp_path, no_ray_before):
     import ray
 
     import raysweep
@@ -108,7 +108,7 @@ def test_the_python_api_refuses_bad_cv_arguments_before_ray(tmp_path):
     assert not ray.is_initialized()
 
 
-def test_a_resume_with_other_folds_is_refused_before_ray(tmp_path, capsys):
+def test_a_resume_with_other_folds_is_refused_before_ray(tmp_path, capsys, no_ray_before):
     import json
 
     import ray

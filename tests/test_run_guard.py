@@ -19,7 +19,7 @@ BAD_NAMES = ["../../x", "/tmp/abs", "a/b", "a\nb", ".", "..", "", "-flag", ".hid
 
 
 @pytest.fixture(autouse=True)
-def no_ray_after():
+def no_ray_after(no_ray_before):
     yield
     assert not ray.is_initialized(), "a refused request started Ray"
 

@@ -91,7 +91,7 @@ def test_an_internal_error_gets_an_id_that_the_log_has(caplog):
     assert any(body["error_id"] in r.getMessage() and "boom" in r.getMessage() for r in caplog.records)
 
 
-def test_cli_refuses_before_starting_anything(tmp_path, capsys):
+def test_cli_refuses_before_starting_anything(tmp_path, capsys, no_ray_before):
     from cluster.cli import main
 
     for argv, said in ((["serve"], "--checkpoint PATH|EXPERIMENT is required"),
@@ -105,7 +105,7 @@ def test_cli_refuses_before_starting_anything(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
-def test_a_port_in_use_is_refused_before_ray_starts(tmp_path):
+def test_a_port_in_use_is_refused_before_ray_starts(tmp_path, no_ray_before):
     import socket
 
     import ray

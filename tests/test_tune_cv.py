@@ -62,7 +62,7 @@ def test_folds_advance_together_and_a_trial_resumes_from_its_bundle_exactly(tmp_
     (["--cv", "3", "--objectives", "val_accuracy:max,params:min"], "--objectives: not available with --cv 3"),
     (["--cv", "3", "--tensorboard"], "--mlflow/--tensorboard: not available with --cv"),
 ])
-def test_bad_cv_searches_exit_2_before_ray_starts(tmp_path, capsys, args, words):
+def test_bad_cv_searches_exit_2_before_ray_starts(tmp_path, capsys, args, words, no_ray_before):
     import ray
 
     code = main(["tune", "--space", "digits_cnn", "--storage", str(tmp_path), "--name", "cv", "--trials", "2",
@@ -72,7 +72,8 @@ def test_bad_cv_searches_exit_2_before_ray_starts(tmp_path, capsys, args, words)
     assert not ray.is_initialized()
 
 
-def test_a_streamed_set_and_a_resume_with_other_folds_are_refused_before_ray(tiny_parquet, tmp_path, capsys):
+def test_a_streamed_set_and_a_resume_with_other_folds_are_refused_before_ray(tiny_parquet, tmp_path, capsys,
+                                                                             no_ray_before):
     import ray
 
     import raysweep
