@@ -31,7 +31,7 @@ demo: install
 
 # Whole modules in TEST_WORKERS processes (each its own Ray), heaviest first (tests/conftest.py):
 # much of a Ray test is waiting on processes starting, so 2 processes on 2 cores nearly halve
-# the wall time (1547 s -> ~820 s here). TEST_WORKERS=0 runs them in this one process.
+# the wall time (1547 s -> 827 s in .ci/run here). TEST_WORKERS=0 runs them in this one process.
 TEST_WORKERS ?= 2
 test: install
 	$(VENV_PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests

@@ -83,9 +83,7 @@ def test_a_sampler_that_cannot_take_several_objectives_is_refused(monkeypatch):
     (["--objectives", "val_accuracy:max,params:min", "--target", "val_accuracy=0.9"], "--target: val_accuracy=0.9"),
     (["--objectives", "params:min,val_accuracy:max"], "must be a validation metric"),
 ])
-def test_the_cli_refuses_before_ray_starts(tmp_path, capsys, extra, says):
-    if ray.is_initialized():
-        ray.shutdown()
+def test_the_cli_refuses_before_ray_starts(tmp_path, capsys, extra, says, no_ray_before):
     code = main(["tune", "--space", "digits_cnn", "--storage", str(tmp_path), "--name", "r", *extra])
     assert code == 2 and says in capsys.readouterr().err
     assert not ray.is_initialized() and not (tmp_path / "r").exists()
@@ -197,11 +195,9 @@ def test_every_combination_of_two_objectives_parses():
             assert [g.name for g in parse_objectives(f"{a},{b}")] == [a, b]
 
 
-def test_the_api_takes_objectives_and_refuses_as_the_cli_does(tmp_path):
+def test_the_api_takes_objectives_and_refuses_as_the_cli_does(tmp_path, no_ray_before):
     import raysweep
 
-    if ray.is_initialized():
-        ray.shutdown()
     with pytest.raises(ConfigError, match=r"--objectives cost: .*add --price .*prices="):
         raysweep.tune("digits_cnn", objectives="val_accuracy:max,cost:min", storage=str(tmp_path), name="a")
     with pytest.raises(ConfigError, match="--scheduler: asha"):

@@ -118,12 +118,11 @@ def test_a_sink_that_fails_mid_run_warns_once_and_is_dropped(in_tmp, capsys):
     assert [s.name for s in tracker.sinks] == ["TensorBoard"]
 
 
-def test_a_missing_extra_is_refused_with_what_to_install(tmp_path, monkeypatch, capsys):
+def test_a_missing_extra_is_refused_with_what_to_install(tmp_path, monkeypatch, capsys, no_ray_before):
     import sys
 
     import ray
 
-    ray.shutdown()  # an earlier module's Ray (the CLI leaves its own up), so "no Ray started" can be checked
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed: importlib finds no spec
     code = main(["train", "--mlflow", "--storage", str(tmp_path), "--name", "x", "--tensorboard", "s3://b/tb"])
     err = capsys.readouterr().err
