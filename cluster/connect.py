@@ -146,10 +146,15 @@ def embedded_ray_options(dashboard: bool = True, **overrides) -> dict:
 
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
             dashboard: bool = True) -> None:
-    """Start or join Ray once per process; ``dashboard``: see ``embedded_ray_options``."""
+    """Start or join Ray once per process; ``dashboard``: see ``embedded_ray_options``.
+
+    A malformed address is refused even when this process already holds a Ray: otherwise
+    ``--address ray://`` silently used whatever Ray was up."""
+    address = resolve_address(address)
+    if address and address != "auto":
+        address_parts(address)
     if ray.is_initialized():
         return
-    address = resolve_address(address)
     if address:
         _check_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=job_runtime_env())

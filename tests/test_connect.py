@@ -62,6 +62,20 @@ def test_a_running_cluster_keeps_its_own_train_settings(monkeypatch):
     assert seen["runtime_env"] is None
 
 
+def test_a_malformed_address_is_refused_even_with_a_ray_already_up(monkeypatch):
+    """Seen in a full run: ``serve status --address ray://`` exited 2 with no message, as the
+    Ray an earlier module left up in that process was used instead of refusing the address."""
+    import pytest
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("a Ray was already up"))
+    for bad in ("ray://", "127.0.0.1:99999"):
+        with pytest.raises(connect_mod.ClusterError, match="--address"):
+            connect_mod.connect(bad)
+    connect_mod.connect("auto")  # joins the Ray this process holds
+    connect_mod.connect("127.0.0.1:6379")
+
+
 def test_the_controller_polls_less_often_while_no_report_comes(monkeypatch):
     """AdaptivePollController: the fastest interval until the first report; then 1.5x longer
     after each poll that brings no report, up to 1 s, and the fastest again after one that
