@@ -32,6 +32,11 @@ from trainers.preemption import DRILL_ENV
 
 TRAIN_WORKER = "RayTrainWorker"
 CPUS_PER_NODE = 2
+# The GCS marks a node that stopped answering dead after its health checks fail: with Ray's
+# defaults (every 3 s, 5 failures) the node-loss test waited ~15 s for that before the run
+# could place its workers again. Still loose enough for a busy 2-core machine.
+NODE_HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_timeout_ms": 2000,
+                      "health_check_failure_threshold": 3}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,8 @@ def cluster():
     started = time.monotonic()
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": CPUS_PER_NODE, "gcs_server_port": gcs_port, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port, "dashboard_agent_listen_port": free_port()})
+        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port, "dashboard_agent_listen_port": free_port(),
+        "_system_config": NODE_HEALTH_CHECKS})
     try:
         workers = [c.add_node(num_cpus=CPUS_PER_NODE) for _ in range(2)]
         c.wait_for_nodes()
