@@ -8,10 +8,12 @@ store) are handed down by the caller, so this package never imports ``cluster``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,12 @@ from trainers.streaming import StreamPlan, build_datasets
 # (or 0 if alone) dies once, just before it reports EPOCH, so tests (and users) can check
 # that a restarted run resumes from its last checkpoint. The marker makes it happen once.
 FAULT_ENV = "RAYSWEEP_FAIL_ONCE_AT_EPOCH"
+# Ray Train's controller collects a report when it next polls the workers: a worker that dies
+# before that poll takes its last report with it, and the run resumes from the checkpoint
+# before (seen once under load: a 0.2 s digits epoch, then the drill). The drill waits until
+# the controller has recorded the previous epoch (progress.json, which its history callback
+# writes after Ray registered the checkpoint), so it always tests the resume it names.
+FAULT_WAIT_S = 60.0
 
 
 class RayTrainReporter:
@@ -78,8 +86,23 @@ class RayTrainReporter:
             return
         fail_epoch, marker = self.fault
         if epoch == fail_epoch and self.rank == min(1, self.world_size - 1) and not marker.exists():
+            _wait_until_recorded(epoch - 1)
             marker.write_text("failed once\n")
             os._exit(1)
+
+
+def _wait_until_recorded(epoch: int) -> None:
+    """The fault drill's wait (``FAULT_WAIT_S``); local storage only, where tests run it."""
+    storage = ray.train.get_context().get_storage()
+    if epoch < 1 or not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        return
+    progress = Path(storage.experiment_fs_path) / "progress.json"
+    deadline = time.monotonic() + FAULT_WAIT_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(progress.read_text()).get("epoch", 0) >= epoch:
+                return
+        time.sleep(0.05)
 
 
 def _parse_fault(spec: str | None):
