@@ -9,6 +9,13 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # An error no check caught prints its traceback here (cluster.cli.unexpected), so a failing test shows where.
 os.environ.setdefault("RAYSWEEP_TRACEBACK", "1")
+# `make test` runs 2 modules at once, each with a Ray of 2 CPUs, so torch's threads outnumber
+# the 2 cores. torch's OpenMP threads then spin while they wait for work (libgomp's default),
+# taking the cores from the threads that have work. Read when torch loads, hence before its
+# import here; every Ray process and subprocess a test starts inherits it. Two processes of
+# 2-thread conv steps on 2 cores (2026-12-02): 13.9 + 19.4 steps/s spinning, 33.4 + 35.2
+# passive. Tests only: alone on the cores, spinning was the faster (68.5 vs 48.7 steps/s).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -83,20 +83,26 @@ def _train_workers() -> dict[str, str]:
 
 
 def _request(tmp_path, name: str, epochs: int, strategy: str = "SPREAD") -> train_cmd.TrainRequest:
-    cfg = load_run_config(None, [f"train.epochs={epochs}", "train.max_failures=3"])
+    # max_failures=0: a worker that died of the drill's SIGTERM would fail the run.
+    cfg = load_run_config(None, [f"train.epochs={epochs}", "train.max_failures=0"])
     return train_cmd.TrainRequest(cfg, Placement(workers=2, strategy=strategy), str(tmp_path), name)
 
 
 def test_spread_places_data_parallel_workers_on_different_nodes_and_learns_as_on_one(cluster, tmp_path,
                                                                                      monkeypatch, capsys):
-    """Also the preemption drill across nodes: rank 1 gets SIGTERM at step 10 of epoch 3 (20
-    steps an epoch); the run stops there on both nodes and is fitted again from that step."""
+    """Also the preemption drill across nodes (the only test of it with real Ray Train workers):
+    rank 1 gets a real SIGTERM at step 10 of epoch 3 (20 steps an epoch). With max_failures=0
+    a worker that died of it would fail the run; instead both ranks stop at the next agreed
+    step, on both nodes, checkpoint, and the run is fitted again from that step."""
     before = _train_workers()
     monkeypatch.setenv(DRILL_ENV, f"50:{tmp_path / 'sigterm-sent'}")
     summary = train_cmd.run(_request(tmp_path, "spread", epochs=8))
     out = capsys.readouterr().out
     line = re.search(r"preempted \(SIGTERM\) in epoch 3 after step (\d+), .*steps redone: (\d+)", out)
-    assert (tmp_path / "sigterm-sent").exists() and line and int(line[2]) <= 1, out[-3000:]
+    # Rank 1's handler runs in its main thread, beside the training thread: on a loaded
+    # machine the agreed stop comes a few steps after step 10 (13 seen), always in the epoch.
+    assert (tmp_path / "sigterm-sent").exists() and line and 10 <= int(line[1]) < 20 and int(line[2]) <= 1, \
+        out[-3000:]
     fits: dict[str, set[str]] = {}  # placement group (one per fit) -> the nodes its workers ran on
     for actor in list_actors(filters=[("class_name", "=", TRAIN_WORKER)], limit=10_000, detail=True):
         if actor.actor_id not in before:

@@ -182,7 +182,7 @@ def test_a_search_where_every_trial_fails_exits_nonzero_with_reasons(tmp_path, c
 def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path, cv):
     """Also for a --cv search (each trial's checkpoint is its folds' bundle): the resumed
     trials keep the search's folds, and no (trial, epoch, fold) row is written twice."""
-    cmd = [sys.executable, "-m", "cluster.cli", "tune", "--space", "digits_cnn", "--trials", "6", "--max-epochs", "3",
+    cmd = [sys.executable, "-m", "cluster.cli", "tune", "--space", "digits_cnn", "--trials", "4", "--max-epochs", "2",
            "--scheduler", "none", "--storage", str(tmp_path), "--name", "k", "--concurrent", "1", *cv]
     # Its own embedded Ray (not this module's), so killing its process group kills it all.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -204,13 +204,13 @@ def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path, c
         proc.wait()
         log.close()
     before = {r["trial_id"]: r for r in pq.read_table(table).to_pylist() if r["status"] == "completed"}
-    assert _tune(tmp_path, "k", "--space", "digits_cnn", "--trials", "6", "--max-epochs", "3", "--scheduler", "none",
+    assert _tune(tmp_path, "k", "--space", "digits_cnn", "--trials", "4", "--max-epochs", "2", "--scheduler", "none",
                  "--concurrent", "1", *cv, "--resume") == 0
     after = {r["trial_id"]: r for r in _trials(tmp_path / "k")}
     # A trial started after Tune's last snapshot (taken at most every 10 s) is not resumed:
-    # the search runs 6 others, and that one reads "lost", not "running" for ever.
+    # the search runs 4 others, and that one reads "lost", not "running" for ever.
     resumed = {i: r for i, r in after.items() if r["status"] != "lost"}
-    assert len(resumed) == 6 and all(r["status"] == "completed" for r in resumed.values()), after
+    assert len(resumed) == 4 and all(r["status"] == "completed" for r in resumed.values()), after
     assert all(r["error"] for r in after.values() if r["status"] == "lost")
     for trial_id, row in before.items():  # finished trials kept as they were, not re-run
         assert after[trial_id]["wall_seconds"] == row["wall_seconds"]
@@ -218,7 +218,7 @@ def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path, c
     rows = [(e["trial_id"], e["epoch"], e.get("fold")) for e in epochs]
     assert len(rows) == len(set(rows))
     per_epoch = 3 if cv else 1  # a --cv epoch: its fold mean and one row per fold
-    assert sum(e["trial_id"] in resumed for e in epochs) == 18 * per_epoch
+    assert sum(e["trial_id"] in resumed for e in epochs) == 4 * 2 * per_epoch
     if cv:  # every trial, before the kill and after, on the search's one fold assignment
         assert len({r["cv_digest"] for r in resumed.values()}) == 1 and None not in {
             r["cv_digest"] for r in resumed.values()}
