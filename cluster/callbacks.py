@@ -12,6 +12,7 @@ from ray.train import UserCallback
 
 from cluster.store import ResultsStore
 from cluster.tables import HISTORY_SCHEMA, EpochLog
+from trainers.position import is_restored_report
 
 
 def format_epoch(metrics: dict, prefix: str = "") -> str:
@@ -28,8 +29,12 @@ class TrainHistoryCallback(UserCallback):
     its stop reason) after every epoch, and prints the epoch's line.
 
     Runs in Ray Train's controller process. A run resumed after a crash re-reports the
-    epochs after its last checkpoint; their rows replace the earlier ones.
+    epochs after its last checkpoint; their rows replace the earlier ones. It first repeats
+    the checkpoint's own epoch (``trainers.position.is_restored_report``), which a driver
+    killed at the wrong moment never recorded; that row is written, not printed again.
     """
+
+    takes_restored_reports = True
 
     def __init__(self, storage: str, name: str, prefix: str = ""):
         self.storage, self.name, self.prefix = storage, name, prefix  # prefix: "fold 2  " (--cv)
@@ -44,4 +49,5 @@ class TrainHistoryCallback(UserCallback):
         self._log.add(m)
         self._store.write_table("history.parquet", self._log.table())
         self._store.write_json("progress.json", {**m, "updated_at": time.time()})
-        print(format_epoch(m, self.prefix), flush=True)
+        if not is_restored_report(m):
+            print(format_epoch(m, self.prefix), flush=True)

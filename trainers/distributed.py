@@ -28,7 +28,7 @@ from trainers import preemption, ray_private
 from trainers.checkpoints import load_state, save_state
 from trainers.config import TrainRunConfig
 from trainers.loop import StreamedInputs, WorkerContext, fit
-from trainers.position import POSITION_KEY, PREEMPTED_KEY, is_position_report
+from trainers.position import POSITION_KEY, PREEMPTED_KEY, RESTORED_KEY, is_position_report
 from trainers.process_group import torch_config
 from trainers.streaming import StreamPlan, build_datasets
 
@@ -55,11 +55,19 @@ class RayTrainReporter:
         self.fault = _parse_fault(fault)
 
     def restore(self) -> dict | None:
+        """The checkpoint's state; an epoch's checkpoint also has its report sent again first,
+        by every rank (Ray takes a report once all ranks made it). A worker's checkpoint is
+        kept when its report reaches Ray's controller, before the callbacks that record the
+        epoch see it: a driver killed between the two (seen on S3) resumed after an epoch
+        that history.parquet never got."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as directory:
-            return load_state(directory)
+            state = load_state(directory)
+        if "report" in state and state.get("position") is None:
+            ray.train.report({**state["report"], RESTORED_KEY: True})
+        return state
 
     def report(self, metrics: dict, state: dict | None) -> None:
         if not is_position_report(metrics):

@@ -387,7 +387,9 @@ def fit(cfg: TrainRunConfig, data, ctx: WorkerContext, reporter: Reporter, input
         due = last or is_best or epoch % cfg.train.checkpoint_every == 0
         state = None
         if due and ctx.rank == 0:
-            state = train_state(plain_net, optimizer, scheduler, stopper, lookahead, fast, epoch, meta)
+            # With the epoch's report, which a resume from it repeats (RayTrainReporter.restore).
+            state = train_state(plain_net, optimizer, scheduler, stopper, lookahead, fast, epoch, meta) | {
+                "report": dict(metrics)}
         reporter.report(metrics, state)
         if fast is not None:
             lookahead.restore_fast(fast)

@@ -24,6 +24,10 @@ import torch.distributed as dist
 
 POSITION_KEY = "position_step"
 PREEMPTED_KEY = "preempted"
+# A resumed fit's first report: the epoch its checkpoint ended, as reported then (its
+# "report"), repeated because Ray may have kept the checkpoint while the process that was
+# to record the report died (``RayTrainReporter.restore``). Rows keyed by epoch take it once.
+RESTORED_KEY = "restored_report"
 
 
 def is_position_report(metrics: dict) -> bool:
@@ -157,6 +161,10 @@ def train_state(net, optimizer, scheduler, stopper, lookahead, fast, epoch: int,
     if lookahead is not None:
         state["lookahead"] = lookahead.state_dict(fast)
     return state
+
+
+def is_restored_report(metrics: dict) -> bool:
+    return bool(metrics.get(RESTORED_KEY))
 
 
 def usable_position(position: dict | None, world: int) -> dict | None:

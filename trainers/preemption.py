@@ -25,7 +25,7 @@ from pathlib import Path
 
 import ray.train
 
-from trainers.position import is_position_report
+from trainers.position import is_position_report, is_restored_report
 
 MAX_RESTARTS = 20  # fits again after SIGTERM stops, per run_training call (Ray's own preemption budget is unlimited)
 # Preemption drill: with "STEP:MARKER_FILE" in this variable of the launching process, rank 1
@@ -98,14 +98,19 @@ class _Drill:
 
 class EpochReportsOnly(ray.train.UserCallback):
     """A caller's callback, shown each epoch's report but not the positions inside epochs
-    (``trainers.position``): ``history.parquet`` and Tune see each epoch once."""
+    (``trainers.position``): ``history.parquet`` and Tune see each epoch once. The report a
+    resumed fit repeats (``is_restored_report``) reaches only callbacks whose
+    ``takes_restored_reports`` is true, as those that key their rows by epoch."""
 
     def __init__(self, callback: ray.train.UserCallback):
         self.callback = callback
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        if not is_position_report(metrics[0]):
-            self.callback.after_report(run_context, metrics, checkpoint)
+        if is_position_report(metrics[0]):
+            return
+        if is_restored_report(metrics[0]) and not getattr(self.callback, "takes_restored_reports", False):
+            return
+        self.callback.after_report(run_context, metrics, checkpoint)
 
     def after_exception(self, run_context, worker_exceptions) -> None:
         self.callback.after_exception(run_context, worker_exceptions)
